@@ -1,0 +1,247 @@
+"""The model file: weights plus everything needed to use them correctly, in one safetensors file.
+
+The contract that makes the seed's bug impossible: a cifarlab model takes **raw uint8 RGB
+images, NHWC, 0..255**, exactly as stored in the dataset. Scaling (/255) and normalisation
+(the training split's per-channel mean/std) happen inside `Classifier.forward`, and their
+constants are stored in the file next to the weights. `predict` refuses anything that is
+not such an array, so a forgotten or doubled `/255` is an error, not 3% accuracy.
+
+safetensors holds only tensors and a str->str metadata map, so loading never runs code
+(unlike pickle-based `.pt` files). All our metadata is one JSON document under the key
+"cifarlab".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cifarlab.errors import InputError, ModelFileError
+from cifarlab.models import create_model, get_model_spec
+
+FORMAT = "cifarlab-model"
+FORMAT_VERSION = 1
+METADATA_KEY = "cifarlab"
+
+
+class Preprocess(nn.Module):
+    """uint8 NHWC 0..255 -> float NCHW, (x - mean) / std with mean/std in pixel units."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        # channels_last keeps the NHWC memory order, so the permute above costs nothing.
+        x = x.contiguous(memory_format=torch.channels_last)
+        return (x - self.mean) / self.std
+
+
+def preprocessing_constants(kind: str, train_stats: dict[str, list[float]]) -> dict[str, Any]:
+    """The mean/std (in 0..255 pixel units) that a model's preprocessing kind implies."""
+    if kind == "scale":  # x / 255, the Keras habit
+        return {"kind": kind, "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]}
+    if kind == "standardize":
+        return {"kind": kind, "mean": list(train_stats["mean"]), "std": list(train_stats["std"])}
+    raise ModelFileError(f"unknown preprocessing kind {kind!r}; expected 'scale' or 'standardize'")
+
+
+def input_statistics(images: np.ndarray, max_images: int = 10_000) -> dict[str, list[float]]:
+    """Per-channel mean/std/min/max of raw pixels, recorded so later tools can compare inputs."""
+    sample = np.asarray(images[:max_images], dtype=np.float64).reshape(-1, images.shape[-1])
+    return {
+        "mean": sample.mean(0).round(4).tolist(),
+        "std": sample.std(0).round(4).tolist(),
+        "min": sample.min(0).tolist(),
+        "max": sample.max(0).tolist(),
+    }
+
+
+class Classifier(nn.Module):
+    """A network plus its preprocessing and metadata; forward takes uint8 NHWC images."""
+
+    def __init__(self, net: nn.Module, preprocess: Preprocess, meta: dict[str, Any]):
+        super().__init__()
+        self.preprocess = preprocess
+        self.net = net
+        self.meta = meta
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.meta["input"]["height"], self.meta["input"]["width"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.preprocess.mean.device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(images))
+
+    @torch.no_grad()
+    def predict_logits(self, images: Any, batch_size: int = 1000) -> np.ndarray:
+        """Logits (N, C) for raw uint8 NHWC images; validates the input first."""
+        batch = validate_images(images, self.image_size)
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self(batch[i:i + batch_size].to(self.device)).float().cpu()
+                   for i in range(0, len(batch), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict_proba(self, images: Any, batch_size: int = 1000) -> np.ndarray:
+        """Class probabilities (N, C), rows summing to 1."""
+        return torch.softmax(torch.from_numpy(self.predict_logits(images, batch_size)), 1).numpy()
+
+    def predict(self, images: Any, batch_size: int = 1000) -> np.ndarray:
+        """Predicted class ids (N,) for raw uint8 NHWC images."""
+        return self.predict_logits(images, batch_size).argmax(1)
+
+
+def validate_images(images: Any, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    """Return images as a uint8 NHWC tensor, or raise InputError saying what is wrong.
+
+    Never converts silently: a float array in 0..1 is exactly the bug this project exists
+    for, and guessing its scale would hide it.
+    """
+    array = images.detach().cpu() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]  # one image
+    h, w = size
+    expected = f"raw RGB images as uint8, shape (N, {h}, {w}, 3), values 0..255"
+    if array.ndim != 4:
+        raise InputError(f"expected {expected}; got an array of shape {tuple(array.shape)}")
+    _check_dtype(array, expected)
+    shape = tuple(array.shape)
+    if shape[1:] == (3, h, w):
+        raise InputError(
+            f"expected {expected}; got {shape}, which looks like NCHW (channels first). "
+            "Pass x.transpose(0, 2, 3, 1) (numpy) or x.permute(0, 2, 3, 1) (torch)."
+        )
+    if shape[-1] != 3:
+        kind = {1: "grayscale", 4: "RGBA"}.get(shape[-1], f"{shape[-1]}-channel")
+        raise InputError(f"expected {expected}; got {shape}, {kind} images. Convert them to RGB first.")
+    if shape[1:3] != (h, w):
+        raise InputError(
+            f"expected {expected}; got images of {shape[1]}x{shape[2]} pixels. "
+            f"Resize them to {h}x{w} (e.g. `cifarlab predict --resize`)."
+        )
+    return torch.as_tensor(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array.contiguous()
+
+
+def _check_dtype(array: Any, expected: str) -> None:
+    dtype = str(array.dtype).replace("torch.", "")
+    if dtype == "uint8":
+        return
+    values = array.float().numpy() if isinstance(array, torch.Tensor) else np.asarray(array, np.float64)
+    if not np.isfinite(values).all():
+        raise InputError(f"expected {expected}; got {dtype} values containing NaN or inf")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    hint = "Pass the images as stored (uint8 0..255): this model scales and normalises them itself."
+    if hi <= 1.0 and lo >= -1.0:
+        hint = ("They look already scaled (e.g. divided by 255 or normalised); this model does "
+                "that itself, so pass the raw uint8 pixels instead.")
+    elif lo >= 0 and hi <= 255 and np.all(values == np.round(values)):
+        hint = "The values are whole numbers in 0..255: convert with .astype(np.uint8)."
+    raise InputError(f"expected {expected}; got dtype {dtype} with values in [{lo:g}, {hi:g}]. {hint}")
+
+
+def build_classifier(meta: dict[str, Any]) -> Classifier:
+    """An untrained Classifier for the architecture and preprocessing described by meta."""
+    net = create_model(meta["architecture"], meta["num_classes"], **meta["arch_args"])
+    pre = meta["preprocessing"]
+    return Classifier(net, Preprocess(pre["mean"], pre["std"]), meta)
+
+
+def make_meta(*, architecture: str, arch_args: dict[str, Any], classes: list[str],
+              train_stats: dict[str, list[float]], image_size: tuple[int, int] = (32, 32),
+              **extra: Any) -> dict[str, Any]:
+    """Model metadata with the input contract and preprocessing filled in."""
+    spec = get_model_spec(architecture)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "arch_args": {**spec.default_args, **arch_args},
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB",
+                  "height": image_size[0], "width": image_size[1], "range": [0, 255]},
+        "preprocessing": preprocessing_constants(spec.preprocessing, train_stats),
+        "train_input_stats": train_stats,
+        **extra,
+    }
+
+
+def save_model(model: Classifier, path: str | Path) -> Path:
+    """Write weights + metadata atomically: a crash leaves the old file or the new one."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return atomic_save_safetensors(tensors, {METADATA_KEY: json.dumps(model.meta)}, Path(path))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({exc}). cifarlab model files are "
+            "written by `cifarlab train`; pickled .pt/.pth files are not accepted."
+        ) from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    """Load a cifarlab model file; the result is in eval mode and validates what it is fed."""
+    tensors, metadata = read_safetensors(path)
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(
+            f"{path} is a safetensors file without cifarlab metadata: it holds weights but not "
+            "the architecture and preprocessing needed to use them. Was it written by cifarlab?"
+        )
+    meta = json.loads(metadata[METADATA_KEY])
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: unsupported model format {meta.get('format')!r} version "
+            f"{meta.get('format_version')!r}; this cifarlab reads {FORMAT} up to version {FORMAT_VERSION}."
+        )
+    model = build_classifier(meta)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{path}: weights do not match architecture {meta['architecture']!r}: {exc}") from None
+    return model.to(device).eval()
