@@ -1,0 +1,135 @@
+"""Training loop pieces, determinism, the run folder, and resume after a real SIGKILL."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarlab.data import load_dataset
+from cifarlab.modelfile import load_model, read_safetensors
+from cifarlab.training import (TrainConfig, join_optimizer_state, lr_at, resume,
+                               split_optimizer_state, train)
+from synthetic import synthetic_dataset
+
+QUICK = dict(model="airbench-small", epochs=3, batch_size=32, seed=0, device="cpu")
+
+
+def weights(path):
+    tensors, _ = read_safetensors(path)
+    return tensors
+
+
+def test_lr_schedules():
+    assert lr_at(0.0, 1.0, "onecycle") == pytest.approx(0.1)
+    assert lr_at(0.2, 1.0, "onecycle") == pytest.approx(1.0)
+    assert lr_at(0.6, 1.0, "onecycle") == pytest.approx(0.5)
+    assert lr_at(0.5, 1.0, "cosine") == pytest.approx(0.5)
+    assert lr_at(0.9, 0.3, "constant") == 0.3
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, rest = split_optimizer_state(opt.state_dict())
+    json.dumps(rest)  # the non-tensor part must be plain JSON
+    restored = join_optimizer_state(tensors, rest)
+    for pid, entries in opt.state_dict()["state"].items():
+        for name, value in entries.items():
+            torch.testing.assert_close(restored["state"][pid][name], value)
+
+
+def test_run_folder_contents(tmp_path):
+    ds = synthetic_dataset()
+    result = train(TrainConfig(**QUICK), dataset=ds, run_dir=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "history.csv", "checkpoint.safetensors",
+                                               "model.safetensors"}
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    model = load_model(result.model_path)
+    meta = model.meta
+    assert meta["split"]["n_val"] == 40 and meta["split"]["n_train"] == 160  # 20% of 4 x 50, stratified
+    assert meta["metrics"]["epochs"] == 3
+    assert meta["metrics"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-5)
+    # The colours are easy: a working loop separates them within 3 epochs.
+    assert meta["metrics"]["val_acc"] > 0.9
+    assert (model.predict(ds.test_x) == ds.test_y).mean() > 0.9
+    np.testing.assert_allclose(meta["train_input_stats"]["mean"],
+                               ds.train_x.reshape(-1, 3).mean(0), atol=2.0)
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path):
+    ds = synthetic_dataset()
+    cfg = dict(QUICK, epochs=1)
+    a = train(TrainConfig(**cfg), dataset=ds, run_dir=tmp_path / "a", progress=False)
+    b = train(TrainConfig(**cfg), dataset=ds, run_dir=tmp_path / "b", progress=False)
+    c = train(TrainConfig(**dict(cfg, seed=1)), dataset=ds, run_dir=tmp_path / "c", progress=False)
+    wa, wb, wc = weights(a.model_path), weights(b.model_path), weights(c.model_path)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resume_continues_to_the_same_model(tmp_path):
+    ds = synthetic_dataset()
+    full = train(TrainConfig(**QUICK), dataset=ds, run_dir=tmp_path / "full", progress=False)
+    # Interrupt after epoch 1 by training a 1-epoch-long prefix of the same 3-epoch run...
+    short = TrainConfig(**QUICK)
+    from cifarlab.training import Trainer
+    trainer = Trainer(short, ds, tmp_path / "part", progress=False)
+    trainer.run_dir.mkdir()
+    trainer.history.append({**trainer.train_epoch(1), **trainer.evaluate_val()})
+    trainer.save_checkpoint()
+    # ...then resume it from the checkpoint file alone.
+    resumed = resume(tmp_path / "part", dataset=ds, progress=False)
+    wf, wr = weights(full.model_path), weights(resumed.model_path)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def write_image_folder(root, ds):
+    for split, xs, ys in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / ds.classes[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x).save(folder / f"{i:04d}.png")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    data = tmp_path / "shapes"
+    write_image_folder(data, synthetic_dataset(n_train_per_class=200, num_classes=4))
+    env = {**os.environ, "CIFARLAB_HOME": str(tmp_path / "cache")}
+    os.environ["CIFARLAB_HOME"] = env["CIFARLAB_HOME"]
+    try:
+        ds = load_dataset(data, progress=False)
+        args = ["--data", str(data), "--model", "keras-cnn", "--epochs", "6", "--batch-size", "32",
+                "--device", "cpu", "--quiet"]
+        run = tmp_path / "killed"
+        proc = subprocess.Popen([sys.executable, "-m", "cifarlab", "train", *args, "--out", str(run)], env=env)
+        checkpoint = run / "checkpoint.safetensors"
+        deadline = time.time() + 120
+        while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        epochs_done = len(json.loads(read_safetensors(checkpoint)[1]["cifarlab-checkpoint"])["history"])
+        assert 1 <= epochs_done < 6, "the kill should land mid-run"
+        resumed = resume(run, dataset=ds, progress=False)
+        full = subprocess.run([sys.executable, "-m", "cifarlab", "train", *args, "--out", str(tmp_path / "full")],
+                              env=env, capture_output=True, text=True)
+        assert full.returncode == 0, full.stderr
+        wf, wr = weights(tmp_path / "full" / "model.safetensors"), weights(resumed.model_path)
+        assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    finally:
+        del os.environ["CIFARLAB_HOME"]
