@@ -1,0 +1,121 @@
+"""Evaluate a model on a dataset split and write the files people look at.
+
+Outputs in the evaluation folder:
+    metrics.json              accuracy, top-5, per-class precision/recall/F1, most-confused pairs
+                              (and the coarse-label view for CIFAR-100)
+    cm.json                   the confusion matrix as a list of rows (row = true, column = predicted)
+    confusion_matrix.png      the same, drawn with class names
+    coarse_confusion_matrix.png   for CIFAR-100
+    probs.npy, labels.npy     the predicted probabilities and true labels, for later diagnosis
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarlab.data import Dataset, get_split, load_dataset, split_info
+from cifarlab.errors import CifarlabError
+from cifarlab.metrics import classification_report, save_confusion_json
+from cifarlab.modelfile import Classifier, load_model
+from cifarlab.plots import plot_confusion_matrix
+
+
+def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = None,
+             split: str = "test", out_dir: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Evaluate `model` on `split` ("val" or "test") of `data` and write the report files.
+
+    `data` defaults to the dataset the model was trained on; "val" is the exact validation
+    split recorded in the model file. Returns the metrics dictionary (also metrics.json).
+    """
+    model_path = None
+    if not isinstance(model, Classifier):
+        model_path = Path(model)
+        model = load_model(model_path)
+    dataset = resolve_dataset(model, data, progress)
+    check_classes(model, dataset)
+    images, labels = split_images(model, dataset, split)
+
+    probs = model.predict_proba(images)
+    meta = model.meta
+    report = classification_report(probs, labels, model.classes,
+                                   coarse_of_fine=meta.get("coarse_of_fine"),
+                                   coarse_names=meta.get("coarse_classes"))
+    report["split"] = split
+    report["dataset"] = {"name": dataset.name, "source": dataset.source}
+    report["model"] = {"path": str(model_path) if model_path else None,
+                       "architecture": meta["architecture"],
+                       "trained_metrics": meta.get("metrics")}
+
+    out = Path(out_dir) if out_dir else default_out_dir(model_path, split)
+    write_outputs(report, probs, labels, model, out)
+    report["out_dir"] = str(out)
+    return report
+
+
+def resolve_dataset(model: Classifier, data: str | Dataset | None, progress: bool) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    spec = data or model.meta.get("dataset", {}).get("spec")
+    if not spec:
+        raise CifarlabError("the model file does not say which dataset it was trained on; pass --data")
+    return load_dataset(spec, progress=progress)
+
+
+def check_classes(model: Classifier, dataset: Dataset) -> None:
+    if list(dataset.classes) != list(model.classes):
+        raise CifarlabError(
+            f"the dataset's classes do not match the model's: model has {len(model.classes)} "
+            f"({', '.join(model.classes[:5])}, ...), dataset {dataset.name!r} has "
+            f"{len(dataset.classes)} ({', '.join(dataset.classes[:5])}, ...). "
+            "Evaluate on the dataset the model was trained on (--data)."
+        )
+
+
+def split_images(model: Classifier, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images of `split`; for "val", the very split the model was trained without."""
+    if split == "test":
+        return get_split(dataset, "test")
+    if split != "val":
+        raise CifarlabError(f"--split must be 'val' or 'test', got {split!r}")
+    recorded = model.meta.get("split")
+    if not recorded or not recorded.get("n_val"):
+        raise CifarlabError("this model was trained without a validation split; use --split test")
+    fraction, seed = recorded["val_fraction"], recorded["seed"]
+    if split_info(dataset, fraction, seed)["val_indices_sha256"] != recorded["val_indices_sha256"]:
+        raise CifarlabError(
+            "this dataset's validation split differs from the one recorded in the model file "
+            "(a different copy or version of the data?), so 'val' would include training images. "
+            "Use --split test."
+        )
+    return get_split(dataset, "val", fraction, seed)
+
+
+def default_out_dir(model_path: Path | None, split: str) -> Path:
+    if model_path is None:
+        return Path(f"eval-{split}")
+    return model_path.parent / f"eval-{model_path.stem}-{split}"
+
+
+def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
+                  model: Classifier, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    cm = np.asarray(report["confusion_matrix"])
+    save_confusion_json(cm, out / "cm.json")
+    np.save(out / "probs.npy", probs.astype(np.float32))
+    np.save(out / "labels.npy", labels.astype(np.int64))
+    where = f"{report['dataset']['name']} {report['split']} split"
+    plot_confusion_matrix(cm, model.classes, out / "confusion_matrix.png",
+                          title=f"Confusion matrix — {where}, {model.meta['architecture']} "
+                                f"(accuracy {report['accuracy']:.1%})")
+    coarse = report.get("coarse")
+    if coarse:
+        plot_confusion_matrix(np.asarray(coarse["confusion_matrix"]), coarse["classes"],
+                              out / "coarse_confusion_matrix.png",
+                              title=f"Superclass confusion — {where} "
+                                    f"(coarse accuracy {coarse['accuracy']:.1%})")

@@ -1,0 +1,213 @@
+"""PNG plots of confusion matrices and training history.
+
+Figures are built with ``matplotlib.figure.Figure`` and rendered by the Agg
+canvas directly, never through pyplot: no global figure registry, no GUI
+backend, nothing to close, and safe to call from worker threads or tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cifarlab.errors import InputError
+from cifarlab.metrics import _as_count_matrix
+
+__all__ = ["plot_confusion_matrix", "plot_history"]
+
+# Up to this many classes every cell gets its value written in it (CIFAR-10 size).
+_ANNOTATE_MAX_CLASSES = 20
+# Up to this many classes tick labels still fit (at 4.5 pt on a 14-inch figure);
+# beyond it they would overlap, so they are left out and the axis label says so.
+_LABEL_MAX_CLASSES = 120
+_DPI = 150
+_HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg
+    fig.savefig(path, format="png", dpi=_DPI)
+    return path
+
+
+def _row_normalize(counts: np.ndarray) -> np.ndarray:
+    """Each row divided by its total; rows with no samples stay all zero."""
+    totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
+    out = np.zeros(counts.shape, dtype=np.float64)
+    np.divide(counts, totals, out=out, where=totals != 0)
+    return out
+
+
+def _color_norm(values: np.ndarray, normalize: bool, log_scale: bool) -> Normalize:
+    positive = values[values > 0]
+    vmax = 1.0 if normalize else max(float(values.max()), 1.0)
+    # A log scale needs a positive lower bound; with nothing positive fall back to linear.
+    if log_scale and positive.size:
+        vmin = float(positive.min())
+        return LogNorm(vmin=vmin, vmax=max(vmax, vmin * 10))
+    return Normalize(vmin=0.0, vmax=vmax)
+
+
+def _figure_size(num_classes: int) -> tuple[float, float]:
+    if num_classes <= _ANNOTATE_MAX_CLASSES:
+        return (8.0, 7.0)
+    return (14.0, 13.0)  # the colour bar takes width, so slightly less height wastes less
+
+
+def _set_class_ticks(ax: Axes, class_names: list[str]) -> tuple[str, str]:
+    """Put class names on both axes if they fit; return the x and y axis labels."""
+    n = len(class_names)
+    if n > _LABEL_MAX_CLASSES:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        note = f" (labels omitted: {n} classes)"
+        return "Predicted class" + note, "True class" + note
+    ticks = np.arange(n)
+    if n <= _ANNOTATE_MAX_CLASSES:
+        ax.set_xticks(ticks, labels=class_names, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_yticks(ticks, labels=class_names, fontsize=9)
+    else:
+        ax.set_xticks(ticks, labels=class_names, rotation=90, fontsize=4.5)
+        ax.set_yticks(ticks, labels=class_names, fontsize=4.5)
+        ax.tick_params(length=1.5, pad=1)
+    return "Predicted class", "True class"
+
+
+def _annotate_cells(ax: Axes, values: np.ndarray, norm: Normalize, normalize: bool) -> None:
+    """Write each cell's value in it, dark on light cells and light on dark ones."""
+    n = values.shape[0]
+    fontsize = 8 if n <= 10 else 6
+    for i in range(n):
+        for j in range(n):
+            v = values[i, j]
+            if v == 0:
+                continue  # blank zero cells keep the matrix readable
+            text = f"{v:.2f}" if normalize else str(int(v))
+            shade = float(np.clip(norm(v), 0, 1))
+            color = "white" if shade > 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
+
+
+def plot_confusion_matrix(
+    cm: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    *,
+    title: str,
+    normalize: bool = True,
+    log_scale: bool = False,
+) -> Path:
+    """Draw ``cm`` (rows = true class, columns = predicted class) as a PNG at ``path``.
+
+    ``normalize`` divides each row by its total so cells read as "fraction of the
+    true class"; ``log_scale`` uses a logarithmic colour scale (zero cells are left
+    blank), which makes small confusions visible next to a bright diagonal.
+    Returns ``path``.
+    """
+    counts = _as_count_matrix(cm)
+    n = counts.shape[0]
+    if len(class_names) != n:
+        raise InputError(f"class_names must have one name per class: expected {n}, got {len(class_names)}.")
+    values = _row_normalize(counts) if normalize else counts.astype(np.float64)
+    norm = _color_norm(values, normalize, log_scale)
+    blues = colormaps["Blues"]
+    cmap = blues.with_extremes(bad=blues(0.0))  # masked zeros on a log scale show as the lowest colour
+
+    fig = Figure(figsize=_figure_size(n), layout="constrained")
+    ax = fig.add_subplot()
+    shown = np.ma.masked_less_equal(values, 0) if isinstance(norm, LogNorm) else values
+    image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
+    colorbar = fig.colorbar(image, ax=ax, shrink=0.8 if n <= _ANNOTATE_MAX_CLASSES else 0.6)
+    colorbar.set_label("fraction of true class" if normalize else "count")
+
+    xlabel, ylabel = _set_class_ticks(ax, list(class_names))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if n <= _ANNOTATE_MAX_CLASSES:
+        _annotate_cells(ax, values, norm, normalize)
+    # Long titles ("Confusion matrix — cifar100 test split, model ... (accuracy ...)") would be clipped.
+    ax.set_title("\n".join(textwrap.wrap(title, 70 if n <= _ANNOTATE_MAX_CLASSES else 110)))
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- #
+# Training history
+# --------------------------------------------------------------------------- #
+
+
+def _parse_float(text: str, column: str, line: int, path: Path) -> float:
+    """A CSV cell as float; an empty cell (no validation that epoch) becomes NaN."""
+    if text is None or text.strip() == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{path}, line {line}: column {column!r} must be a number, got {text!r}.") from None
+
+
+def _read_history(path: Path) -> dict[str, np.ndarray]:
+    """The history CSV as one float array per column (NaN where a cell is empty)."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(
+                    f"{path} is missing columns {missing}; expected a header "
+                    f"{','.join(_HISTORY_COLUMNS)} as written by training."
+                )
+            rows = [
+                {c: _parse_float(row[c], c, reader.line_num, path) for c in _HISTORY_COLUMNS}
+                for row in reader
+            ]
+    except FileNotFoundError:
+        raise InputError(f"history file {path} does not exist.") from None
+    if not rows:
+        raise InputError(f"{path} has a header but no epochs; train for at least one epoch first.")
+    return {c: np.array([r[c] for r in rows]) for c in _HISTORY_COLUMNS}
+
+
+def _plot_pair(ax: Axes, epochs: np.ndarray, train: np.ndarray, val: np.ndarray, ylabel: str) -> None:
+    # Markers keep a single-epoch run visible (a one-point line draws nothing).
+    ax.plot(epochs, train, marker="o", markersize=3, label="train")
+    # Validation may run only every few epochs; join the epochs that have it
+    # instead of leaving gaps at the empty cells.
+    has_val = ~np.isnan(val)
+    if has_val.any():
+        ax.plot(epochs[has_val], val[has_val], marker="o", markersize=3, label="validation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
+def plot_history(history_csv: Path, path: Path, *, title: str) -> Path:
+    """Plot loss and accuracy vs epoch from a training-history CSV as a PNG at ``path``.
+
+    The CSV has columns ``epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds``;
+    validation cells may be empty, in which case only training curves are drawn.
+    Returns ``path``.
+    """
+    h = _read_history(history_csv)
+    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    _plot_pair(loss_ax, h["epoch"], h["train_loss"], h["val_loss"], "loss")
+    loss_ax.set_title("loss")
+    _plot_pair(acc_ax, h["epoch"], h["train_acc"], h["val_acc"], "accuracy")
+    acc_ax.set_title("accuracy")
+    fig.suptitle(title)
+    return _save(fig, path)

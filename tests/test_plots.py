@@ -1,0 +1,126 @@
+"""Tests for cifarlab.plots: valid, non-blank PNGs that depend on their input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarlab.errors import InputError
+from cifarlab.plots import plot_confusion_matrix, plot_history
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def random_confusion(num_classes: int, seed: int, accuracy: float = 0.8) -> np.ndarray:
+    """A plausible confusion matrix: mostly diagonal, errors on a few neighbouring classes."""
+    rng = np.random.default_rng(seed)
+    n = 100 * num_classes
+    y = rng.integers(0, num_classes, n)
+    pred = np.where(rng.random(n) < accuracy, y, (y + rng.integers(1, 4, n)) % num_classes)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    return cm
+
+
+def load_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def assert_reasonable_png(path: Path, min_side: int) -> np.ndarray:
+    pixels = load_png(path)
+    assert min(pixels.shape) >= min_side
+    assert max(pixels.shape) <= 4000
+    assert pixels.std() > 10  # not a blank canvas
+    return pixels
+
+
+def test_ten_class_confusion_png(tmp_path: Path) -> None:
+    path = tmp_path / "plots" / "cm10.png"
+    out = plot_confusion_matrix(
+        random_confusion(10, seed=0), CIFAR10_NAMES, path,
+        title="Confusion matrix — cifar10 test split, model X (accuracy 80.0%)",
+    )
+    assert out == path
+    assert_reasonable_png(path, min_side=600)
+
+
+def test_hundred_class_confusion_png(tmp_path: Path) -> None:
+    path = tmp_path / "cm100.png"
+    names = [f"class_{i}" for i in range(100)]
+    plot_confusion_matrix(random_confusion(100, seed=0), names, path, title="cifar100")
+    assert_reasonable_png(path, min_side=1500)  # large enough for 100 legible labels
+
+
+def test_different_matrices_give_different_images(tmp_path: Path) -> None:
+    a = plot_confusion_matrix(random_confusion(10, 1), CIFAR10_NAMES, tmp_path / "a.png", title="t")
+    worse = random_confusion(10, 2, accuracy=0.3)
+    b = plot_confusion_matrix(worse, CIFAR10_NAMES, tmp_path / "b.png", title="t")
+    pa, pb = load_png(a), load_png(b)
+    assert pa.shape == pb.shape
+    assert np.abs(pa - pb).mean() > 1
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_log_scale_and_counts_with_empty_row(tmp_path: Path, normalize: bool) -> None:
+    cm = random_confusion(10, 3)
+    cm[4] = 0  # a class with no samples must not break normalisation or the log scale
+    path = plot_confusion_matrix(
+        cm, CIFAR10_NAMES, tmp_path / "log.png", title="t", normalize=normalize, log_scale=True
+    )
+    assert_reasonable_png(path, min_side=600)
+
+
+def test_all_zero_matrix_log_scale_falls_back(tmp_path: Path) -> None:
+    path = plot_confusion_matrix(np.zeros((3, 3), dtype=int), ["a", "b", "c"], tmp_path / "z.png",
+                                 title="empty", log_scale=True)
+    load_png(path)
+
+
+def test_confusion_plot_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="expected 10, got 9"):
+        plot_confusion_matrix(random_confusion(10, 0), CIFAR10_NAMES[:9], tmp_path / "x.png", title="t")
+    with pytest.raises(InputError, match="square"):
+        plot_confusion_matrix(np.zeros((2, 3), dtype=int), ["a", "b"], tmp_path / "x.png", title="t")
+
+
+HEADER = "epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n"
+
+
+def test_history_png_with_and_without_validation(tmp_path: Path) -> None:
+    epochs = range(1, 11)
+    with_val = tmp_path / "h1.csv"
+    with_val.write_text(HEADER + "".join(
+        f"{e},{2 / e:.3f},{1 - 1 / (e + 1):.3f},{2.2 / e:.3f},{1 - 1.2 / (e + 1):.3f},0.1,10.0\n" for e in epochs
+    ))
+    no_val = tmp_path / "h2.csv"
+    no_val.write_text(HEADER + "".join(f"{e},{2 / e:.3f},{1 - 1 / (e + 1):.3f},,,0.1,10.0\n" for e in epochs))
+    a = plot_history(with_val, tmp_path / "h1.png", title="with validation")
+    b = plot_history(no_val, tmp_path / "h2.png", title="without validation")
+    pa, pb = assert_reasonable_png(a, 400), assert_reasonable_png(b, 400)
+    assert np.abs(pa - pb).mean() > 0.1
+
+
+def test_history_single_epoch(tmp_path: Path) -> None:
+    csv_path = tmp_path / "h.csv"
+    csv_path.write_text(HEADER + "1,2.0,0.3,,,0.1,5\n")
+    assert_reasonable_png(plot_history(csv_path, tmp_path / "h.png", title="one epoch"), 400)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("epoch,train_loss\n1,2.0\n", "missing columns"),
+        (HEADER, "no epochs"),
+        (HEADER + "1,abc,0.3,,,0.1,5\n", "line 2: column 'train_loss' must be a number, got 'abc'"),
+    ],
+)
+def test_history_bad_csv(tmp_path: Path, content: str, message: str) -> None:
+    csv_path = tmp_path / "h.csv"
+    csv_path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        plot_history(csv_path, tmp_path / "h.png", title="t")
