@@ -142,7 +142,10 @@ def validate_images(images: Any, size: tuple[int, int] = (32, 32)) -> torch.Tens
             f"expected {expected}; got images of {shape[1]}x{shape[2]} pixels. "
             f"Resize them to {h}x{w} (e.g. `cifarlab predict --resize`)."
         )
-    return torch.as_tensor(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array.contiguous()
+    if isinstance(array, torch.Tensor):
+        return array.contiguous()
+    # Cached datasets are read-only memmaps; torch wants writable memory, so copy those.
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
 
 def _check_dtype(array: Any, expected: str) -> None:
