@@ -108,7 +108,7 @@ def run_data(args) -> int:
 
 def run_train(args) -> int:
     from cifarlab.data import load_dataset
-    from cifarlab.training import TrainConfig, resume, train
+    from cifarlab.training import TrainConfig, pick_device, resume, train
 
     progress = not args.quiet
     if args.resume:
@@ -122,6 +122,8 @@ def run_train(args) -> int:
             seed=args.seed, device=args.device, amp=args.amp,
             max_train_images=args.max_train_images,
         )
+        cfg.validate()  # before a possibly long download
+        pick_device(cfg.device)
         dataset = load_dataset(args.data, verify=not args.no_verify, progress=progress)
         result = train(cfg, dataset=dataset, run_dir=args.out, progress=progress)
     metrics = result.model.meta["metrics"]

@@ -61,6 +61,26 @@ class TrainConfig:
     amp: str = "auto"  # bf16 autocast: "auto" (on with CUDA), "on", "off"
     max_train_images: int | None = None  # a stratified subset, for quick experiments and tests
 
+    def validate(self) -> None:
+        """Refuse bad settings before any data is loaded or time is spent."""
+        if self.model != "auto":
+            get_model_spec(self.model)
+        checks = [
+            (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.optimizer in (None, "sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}"),
+            (self.schedule in (None, "onecycle", "cosine", "constant"),
+             f"--schedule must be onecycle, cosine or constant, got {self.schedule!r}"),
+            (self.fill in (None, "reflect", "edge"), f"fill must be reflect or edge, got {self.fill!r}"),
+            (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
+            (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.amp in ("auto", "on", "off"), f"--amp must be auto, on or off, got {self.amp!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CifarlabError(message)
+
     def resolved(self, device: torch.device) -> "TrainConfig":
         """A copy with the model chosen and every None filled from the model's recipe."""
         model = self.model
@@ -128,6 +148,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dataset: Dataset, run_dir: Path | None = None,
                  progress: bool = True):
+        cfg.validate()
         self.device = pick_device(cfg.device)
         self.cfg = cfg.resolved(self.device)
         self.dataset = dataset
