@@ -20,16 +20,20 @@ def shared_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar10_jpeg(shared_data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The real CIFAR-10 (60,000 JPEGs) as a cifarlab Dataset.
+def cifarlab_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache dir the real-data tests share (pass it as CIFARLAB_HOME to subprocesses).
 
-    Decoding takes several seconds, so it happens once per session, into
-    ``$CIFARLAB_TEST_CACHE`` when set (reused across sessions) or a session tmp dir.
+    ``$CIFARLAB_TEST_CACHE`` when set (reused across sessions), else a session tmp dir.
     """
+    env = os.environ.get("CIFARLAB_TEST_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("cifarlab-cache")
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg(shared_data_dir: Path, cifarlab_home: Path):
+    """The real CIFAR-10 (60,000 JPEGs) as a cifarlab Dataset, decoded once per session."""
     from cifarlab.data import load_dataset
 
     if not CIFAR10_JPEG.is_file():
         pytest.skip(f"{CIFAR10_JPEG} is absent")
-    env = os.environ.get("CIFARLAB_TEST_CACHE")
-    cache_dir = Path(env) if env else tmp_path_factory.mktemp("cifarlab-cache")
-    return load_dataset(CIFAR10_JPEG, cache_dir=cache_dir, progress=False)
+    return load_dataset(CIFAR10_JPEG, cache_dir=cifarlab_home, progress=False)
