@@ -1,0 +1,99 @@
+"""The diagnosis document: findings with evidence and a fix, probes, and a verdict.
+
+JSON schema (stable; documented in the README):
+    {"verdict": "healthy" | "problem",
+     "summary": {...},                      # headline numbers: accuracy, entropy, collapse, ...
+     "findings": [{"id", "severity", "title", "detail", "evidence": {...}, "fix"}],
+     "probes": [{"name", "accuracy", "pred_entropy", ...}]}
+Findings are ordered most likely cause first. The verdict is "problem" when any finding
+has severity "error" or "warning"; "info" findings never fail a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("error", "warning", "info")
+
+# Stable ids; tools may match on them.
+FINDING_IDS = (
+    "prediction-collapse", "input-scale", "input-normalization", "channel-order", "input-layout",
+    "label-permutation", "train-mode-inference", "near-chance", "train-eval-gap",
+)
+
+
+@dataclass
+class Finding:
+    id: str
+    severity: str  # "error" | "warning" | "info"
+    title: str  # one line, e.g. "Evaluation inputs are 255x larger than training inputs"
+    detail: str  # a few sentences: what was measured and why it points to this cause
+    evidence: dict[str, Any] = field(default_factory=dict)
+    fix: str = ""  # the one-line fix, e.g. "x = x / 255.0 before model.predict(x)"
+    score: float = 0.0  # ranking weight (higher = more likely the cause); not serialised
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("score")
+        return data
+
+
+@dataclass
+class Diagnosis:
+    summary: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return "problem" if any(f.severity in ("error", "warning") for f in self.findings) else "healthy"
+
+    @property
+    def exit_code(self) -> int:
+        """0 healthy, 1 problem (2 is reserved for bad usage, raised as CifarlabError)."""
+        return 0 if self.verdict == "healthy" else 1
+
+    def add(self, finding: Finding) -> None:
+        self.findings.append(finding)
+
+    def ranked(self) -> list[Finding]:
+        order = {s: i for i, s in enumerate(SEVERITIES)}
+        return sorted(self.findings, key=lambda f: (order[f.severity], -f.score))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "summary": self.summary,
+                "findings": [f.to_dict() for f in self.ranked()], "probes": self.probes}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_jsonable)
+
+    def format_text(self) -> str:
+        """The terminal summary: verdict, most likely cause first, evidence, the fix."""
+        lines = [f"verdict: {self.verdict.upper()}"]
+        for key, value in self.summary.items():
+            if isinstance(value, (int, float, str)):
+                lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+        for i, finding in enumerate(self.ranked(), 1):
+            lines += ["", f"{i}. [{finding.severity}] {finding.title}  ({finding.id})", f"   {finding.detail}"]
+            if finding.fix:
+                lines.append(f"   fix: {finding.fix}")
+        if self.probes:
+            lines += ["", "probes (the model re-run under candidate corrections):"]
+            for probe in self.probes:
+                acc = probe.get("accuracy")
+                acc_text = f"accuracy {acc:6.1%}" if acc is not None else "accuracy    n/a"
+                lines.append(f"  {probe['name']:24s} {acc_text}  pred entropy {probe.get('pred_entropy', float('nan')):.2f}")
+        return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays inside evidence become plain JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
