@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifarlab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ncifarlab: interrupted", file=sys.stderr)
+        hint = " (continue with `cifarlab train --resume` and the run folder printed above)" if args.command == "train" else ""
+        print(f"\ncifarlab: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -189,6 +189,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        if self.progress:
+            tqdm.write(f"run folder: {self.run_dir}  ({self.cfg.model} on {self.device}, "
+                       f"{len(self.train_y):,} training images, {len(self.val_y):,} validation)")
         for epoch in range(len(self.history) + 1, self.cfg.epochs + 1):
             row = self.train_epoch(epoch)
             row.update(self.evaluate_val())
@@ -265,8 +268,7 @@ class Trainer:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         opt_tensors, opt_rest = split_optimizer_state(self.optimizer.state_dict())
         tensors.update(opt_tensors)
-        state = {"config": asdict(self.cfg), "history": self.history, "optimizer": opt_rest,
-                 "meta": self.model.meta}
+        state = {"config": asdict(self.cfg), "history": self.history, "optimizer": opt_rest}
         return atomic_save_safetensors(tensors, {CHECKPOINT_KEY: json.dumps(state)},
                                        self.run_dir / "checkpoint.safetensors")
 
