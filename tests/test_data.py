@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cifarlab import data
-from cifarlab.data import Dataset, download, get_split, load_dataset, split_indices, split_info
+from cifarlab.data import Dataset, download, get_split, imagefolder, load_dataset, split_indices, split_info
 from cifarlab.errors import ChecksumError, DataError, InputError
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -365,8 +365,8 @@ def test_image_folder_round_trips_pixels(tmp_path: Path, cache: Path, kind: str)
 
 def test_image_folder_parallel_decode_matches(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = make_image_folder(tmp_path / "tiny-images")
-    monkeypatch.setattr(data, "_PARALLEL_MIN_IMAGES", 2)
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 2)
+    monkeypatch.setattr(imagefolder, "_PARALLEL_MIN_IMAGES", 2)
+    monkeypatch.setattr(imagefolder, "_DECODE_CHUNK", 2)
     assert_same_data(load_dataset(tmp_path / "tiny-images", cache_dir=cache, progress=False), expected)
 
     save_image(tmp_path / "tiny-images" / "train" / "dog" / "1.png", Image.new("RGB", (33, 32)))

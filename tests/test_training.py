@@ -19,7 +19,7 @@ from cifarlab.training import (TrainConfig, join_optimizer_state, lr_at, resume,
                                split_optimizer_state, train)
 from synthetic import synthetic_dataset
 
-QUICK = dict(model="airbench-small", epochs=3, batch_size=32, seed=0, device="cpu")
+QUICK = dict(model="airbench-small", epochs=3, batch_size=32, lr=0.2, seed=0, device="cpu")
 
 
 def weights(path):
@@ -49,7 +49,7 @@ def test_optimizer_state_round_trips_without_pickle():
 
 
 def test_run_folder_contents(tmp_path):
-    ds = synthetic_dataset()
+    ds = synthetic_dataset(n_train_per_class=100)  # 30 steps: enough for BatchNorm's running stats
     result = train(TrainConfig(**QUICK), dataset=ds, run_dir=tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"config.json", "history.csv", "checkpoint.safetensors",
@@ -59,7 +59,7 @@ def test_run_folder_contents(tmp_path):
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
     model = load_model(result.model_path)
     meta = model.meta
-    assert meta["split"]["n_val"] == 40 and meta["split"]["n_train"] == 160  # 20% of 4 x 50, stratified
+    assert meta["split"]["n_val"] == 80 and meta["split"]["n_train"] == 320  # 20% of 4 x 100, stratified
     assert meta["metrics"]["epochs"] == 3
     assert meta["metrics"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-5)
     # The colours are easy: a working loop separates them within 3 epochs.
