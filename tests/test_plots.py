@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cifarlab.errors import InputError
-from cifarlab.plots import plot_confusion_matrix, plot_history
+from cifarlab.plots import plot_confusion_matrix, plot_history, plot_prediction_histogram
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -124,3 +124,31 @@ def test_history_bad_csv(tmp_path: Path, content: str, message: str) -> None:
     csv_path.write_text(content)
     with pytest.raises(InputError, match=message):
         plot_history(csv_path, tmp_path / "h.png", title="t")
+
+
+def red_pixels(path: Path) -> int:
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
+    return int(((rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)).sum())
+
+
+def test_highlighted_columns_are_outlined_in_red(tmp_path):
+    cm = random_confusion(10, seed=0)
+    plain = plot_confusion_matrix(cm, CIFAR10_NAMES, tmp_path / "plain.png", title="t")
+    marked = plot_confusion_matrix(cm, CIFAR10_NAMES, tmp_path / "marked.png", title="t",
+                                   highlight_columns=[3, 7])
+    assert red_pixels(plain) == 0
+    assert red_pixels(marked) > 500  # two full-height outlines
+
+
+def test_prediction_histogram_shows_both_distributions(tmp_path):
+    true_counts = np.full(100, 50)
+    pred_counts = np.zeros(100, dtype=int)
+    pred_counts[[3, 71]] = 2500
+    path = plot_prediction_histogram(true_counts, pred_counts, [f"c{i}" for i in range(100)],
+                                     tmp_path / "hist.png", title="collapsed")
+    assert_reasonable_png(path, min_side=400)
+    assert red_pixels(path) > 1000  # the two tall predicted bars
+    only_pred = plot_prediction_histogram(None, pred_counts, [f"c{i}" for i in range(100)],
+                                          tmp_path / "pred.png", title="no labels")
+    assert not np.array_equal(load_png(path), load_png(only_pred))

@@ -18,12 +18,13 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from cifarlab.errors import InputError
 from cifarlab.metrics import _as_count_matrix
 
-__all__ = ["plot_confusion_matrix", "plot_history"]
+__all__ = ["plot_confusion_matrix", "plot_history", "plot_prediction_histogram"]
 
 # Up to this many classes every cell gets its value written in it (CIFAR-10 size).
 _ANNOTATE_MAX_CLASSES = 20
@@ -108,13 +109,15 @@ def plot_confusion_matrix(
     title: str,
     normalize: bool = True,
     log_scale: bool = False,
+    highlight_columns: list[int] | None = None,
 ) -> Path:
     """Draw ``cm`` (rows = true class, columns = predicted class) as a PNG at ``path``.
 
     ``normalize`` divides each row by its total so cells read as "fraction of the
     true class"; ``log_scale`` uses a logarithmic colour scale (zero cells are left
     blank), which makes small confusions visible next to a bright diagonal.
-    Returns ``path``.
+    ``highlight_columns`` outlines those predicted classes in red (the "vertical bars"
+    of a collapsed model, as marked by the diagnosis). Returns ``path``.
     """
     counts = _as_count_matrix(cm)
     n = counts.shape[0]
@@ -137,8 +140,35 @@ def plot_confusion_matrix(
     ax.set_ylabel(ylabel)
     if n <= _ANNOTATE_MAX_CLASSES:
         _annotate_cells(ax, values, norm, normalize)
+    for column in highlight_columns or []:
+        ax.add_patch(Rectangle((column - 0.5, -0.5), 1, n, fill=False, edgecolor="red", linewidth=1.5))
     # Long titles ("Confusion matrix — cifar100 test split, model ... (accuracy ...)") would be clipped.
     ax.set_title("\n".join(textwrap.wrap(title, 70 if n <= _ANNOTATE_MAX_CLASSES else 110)))
+    return _save(fig, path)
+
+
+def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarray,
+                              class_names: list[str], path: Path, *, title: str) -> Path:
+    """Bars of how often each class is predicted, next to how often it truly occurs.
+
+    A healthy model's predicted bars follow the true ones; a collapsed one shows a few
+    tall bars and many empty classes.
+    """
+    n = len(class_names)
+    x = np.arange(n)
+    fig = Figure(figsize=(max(8.0, n * 0.14), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.4 if y_true_counts is not None else 0.8
+    if y_true_counts is not None:
+        ax.bar(x - width / 2, y_true_counts, width, label="true class", color="#9ecae1")
+    ax.bar(x + (width / 2 if y_true_counts is not None else 0), y_pred_counts, width,
+           label="predicted class", color="#d62728")
+    fontsize = 9 if n <= _ANNOTATE_MAX_CLASSES else 4.5
+    ax.set_xticks(x, labels=class_names, rotation=90, fontsize=fontsize)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title("\n".join(textwrap.wrap(title, 110)))
     return _save(fig, path)
 
 
