@@ -1,0 +1,615 @@
+"""Find the cause of bad predictions by re-running the model under candidate corrections.
+
+A probe is a transform of the user's images that undoes one classic mistake (a missing or
+doubled /255, the wrong mean/std, BGR, NCHW, CIFAR's planar rows reshaped without a
+transpose). If the model does much better on the transformed images than on the images as
+given, that mistake is the cause, and the transform is the fix. This needs no knowledge of
+how the model was trained, so it works for ONNX files and live models too; when the
+training statistics are known (`runner.train_stats`), `input_findings` adds a direct
+comparison of the inputs with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from cifarlab.diagnosis.collapse import prediction_stats
+from cifarlab.diagnosis.report import Finding
+from cifarlab.diagnosis.runners import ModelRunner, expected_shape, shape_fits
+from cifarlab.errors import InputError
+
+# Per-channel mean/std on the 0..1 scale. "cifar" is the average of the CIFAR-10 and
+# CIFAR-100 training-set values (they differ by ~0.01, far below what a probe can tell).
+CIFAR_MEAN, CIFAR_STD = (0.4993, 0.4844, 0.4437), (0.2572, 0.2500, 0.2689)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Healthy/collapsed thresholds on the normalised entropy of predicted classes.
+COLLAPSED_ENTROPY, HEALTHY_ENTROPY = 0.6, 0.8
+
+
+# ---- the transforms ----------------------------------------------------------------------
+
+def channel_axis(x: np.ndarray) -> int | None:
+    """-1 for NHWC, 1 for NCHW, None when no axis holds 3 channels."""
+    if x.ndim == 4 and x.shape[-1] == 3:
+        return -1
+    if x.ndim == 4 and x.shape[1] == 3:
+        return 1
+    return None
+
+
+def _per_channel(values: tuple[float, ...], x: np.ndarray) -> np.ndarray:
+    shape = (1, 1, 1, 3) if channel_axis(x) == -1 else (1, 3, 1, 1)
+    return np.asarray(values, np.float32).reshape(shape)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Raw 0..255 pixels or 0..1 images, on the 0..1 scale."""
+    return x / 255.0 if x.max() > 1.5 else x
+
+
+def _standardize(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda x: (_unit(x) - _per_channel(mean, x)) / _per_channel(std, x)
+
+
+def _unstandardize(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    # Gives a 0..1 image; run_probes brings it to the scale the model expects.
+    return lambda x: x * _per_channel(std, x) + _per_channel(mean, x)
+
+
+def _swap_rgb_bgr(x: np.ndarray) -> np.ndarray:
+    return np.flip(x, axis=channel_axis(x) or -1)
+
+
+def _undo_planar_reshape(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) made by reshaping CIFAR's planar rows (RRR..GGG..BBB) -> true NHWC."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h * w * c).reshape(n, c, h, w).transpose(0, 2, 3, 1)
+
+
+# name -> transform of the user's images. "as-given" is always first.
+PROBES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as-given": lambda x: x,
+    "divide-by-255": lambda x: x / 255.0,
+    "multiply-by-255": lambda x: x * 255.0,
+    "scale-to-minus1-1": lambda x: x / 127.5 - 1.0,
+    "from-minus1-1": lambda x: (x + 1.0) / 2.0,  # to 0..1; run_probes rescales to the model's range
+    "standardize-cifar": _standardize(CIFAR_MEAN, CIFAR_STD),
+    "standardize-imagenet": _standardize(IMAGENET_MEAN, IMAGENET_STD),
+    "unstandardize-cifar": _unstandardize(CIFAR_MEAN, CIFAR_STD),
+    "unstandardize-imagenet": _unstandardize(IMAGENET_MEAN, IMAGENET_STD),
+    "swap-rgb-bgr": _swap_rgb_bgr,
+    "nhwc-to-nchw": lambda x: x.transpose(0, 3, 1, 2),
+    "nchw-to-nhwc": lambda x: x.transpose(0, 2, 3, 1),
+    "undo-planar-reshape": _undo_planar_reshape,
+}
+
+# Probes whose output is an image on the 0..1 scale, to be brought to the model's own range.
+_UNIT_OUTPUT = {"from-minus1-1", "unstandardize-cifar", "unstandardize-imagenet"}
+_LAYOUT_PROBES = {"nhwc-to-nchw", "nchw-to-nhwc", "undo-planar-reshape"}
+
+FINDING_ID = {
+    "divide-by-255": "input-scale", "multiply-by-255": "input-scale",
+    "scale-to-minus1-1": "input-scale", "from-minus1-1": "input-scale",
+    "standardize-cifar": "input-normalization", "standardize-imagenet": "input-normalization",
+    "unstandardize-cifar": "input-normalization", "unstandardize-imagenet": "input-normalization",
+    "swap-rgb-bgr": "channel-order",
+    "nhwc-to-nchw": "input-layout", "nchw-to-nhwc": "input-layout", "undo-planar-reshape": "input-layout",
+}
+
+
+def _precondition(name: str, x: np.ndarray, runner: ModelRunner) -> str | None:
+    """Why a probe makes no sense for these images (None: run it).
+
+    Skipping transforms that cannot be the fix (e.g. dividing images that are already in
+    0..1 by 255) saves time and removes chances of a lucky false positive.
+    """
+    lo, hi = float(x.min()), float(x.max())
+    axis, layout = channel_axis(x), runner.input_spec.get("layout")
+    rules = {
+        "divide-by-255": (hi > 1.5, "the values are not larger than 1"),
+        "multiply-by-255": (hi <= 1.5, "the values exceed 1, so they are not scaled to 0..1"),
+        "scale-to-minus1-1": (lo >= 0 and hi > 1.5, "the values are not 0..255 pixels"),
+        "from-minus1-1": (lo < 0 and lo >= -1.5 and hi <= 1.5, "the values are not in -1..1"),
+        "standardize-cifar": (lo >= 0, "the values are already centred (negative values)"),
+        "standardize-imagenet": (lo >= 0, "the values are already centred (negative values)"),
+        "unstandardize-cifar": (lo < 0 and hi <= 10, "the values do not look standardised"),
+        "unstandardize-imagenet": (lo < 0 and hi <= 10, "the values do not look standardised"),
+        "swap-rgb-bgr": (axis is not None, "no axis holds 3 channels"),
+        "nhwc-to-nchw": (axis == -1 and layout != "NHWC", "the images are not NHWC or the model takes NHWC"),
+        "nchw-to-nhwc": (axis == 1 and layout != "NCHW", "the images are not NCHW or the model takes NCHW"),
+        "undo-planar-reshape": (axis == -1 and layout != "NCHW", "the images are not NHWC"),
+    }
+    ok, reason = rules.get(name, (True, ""))
+    return None if ok else reason
+
+
+def model_range(runner: ModelRunner) -> str | None:
+    """What the model expects: "0..255", "0..1", "standardized", or None when unknown."""
+    spec = runner.input_spec
+    pre = spec.get("preprocessing") or {}
+    if spec.get("dtype") == "uint8" or pre.get("applied_by") == "model":
+        return "0..255"
+    if pre.get("applied_by") == "caller":
+        return "0..1" if pre.get("kind") == "scale" else "standardized"
+    return None
+
+
+def _to_model_range(unit_image: np.ndarray, runner: ModelRunner) -> np.ndarray:
+    """A 0..1 image in the units the model takes (unknown: 0..1, the Keras/torchvision habit)."""
+    target = model_range(runner)
+    if target == "0..255":
+        return unit_image * 255.0
+    if target == "standardized":
+        pre = runner.input_spec["preprocessing"]
+        mean = _per_channel(tuple(pre["mean"]), unit_image)
+        std = _per_channel(tuple(pre["std"]), unit_image)
+        return (unit_image * 255.0 - mean) / std
+    return unit_image
+
+
+def _fits_model(x: np.ndarray, runner: ModelRunner) -> str | None:
+    """Why `x` cannot be fed to the model (None: it can)."""
+    spec = runner.input_spec
+    if not shape_fits(x.shape, spec):
+        return f"gives shape {tuple(x.shape[1:])} per image; the model takes {expected_shape(spec)}"
+    if spec.get("dtype") == "uint8":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1 or hi > 256:
+            return f"gives values in [{lo:.3g}, {hi:.3g}], outside the 0..255 of a uint8 model"
+        if hi < 2:
+            return "gives values in 0..1, which a uint8 model would see as 0/1 pixels"
+    return None
+
+
+def _cast(x: np.ndarray, runner: ModelRunner) -> np.ndarray:
+    if runner.input_spec.get("dtype") == "uint8":
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return x.astype(np.float32, copy=False)
+
+
+# ---- running the probes ------------------------------------------------------------------
+
+def sample_indices(n: int, max_images: int, seed: int = 0) -> np.ndarray:
+    """A fixed, sorted sample: the same images every run, and not just the first class if sorted."""
+    if n <= max_images:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_images, replace=False))
+
+
+def run_probes(runner: ModelRunner, images: np.ndarray, labels: np.ndarray | None = None, *,
+               max_images: int = 2000) -> list[dict[str, Any]]:
+    """One row per probe: how the model does on the images under that correction.
+
+    Rows: {"name", "accuracy" (None without labels), "pred_entropy", "classes_predicted",
+    "mean_confidence", "agreement_with_as_given", "fix", "n_images"}, plus "skipped": reason
+    for a probe that could not run. "as-given" is first.
+    """
+    images = np.asarray(images)
+    if labels is not None and len(labels) != len(images):
+        raise InputError(f"got {len(images)} images but {len(labels)} labels")
+    keep = sample_indices(len(images), max_images)
+    given = images[keep]
+    y = None if labels is None else np.asarray(labels)[keep]
+    floats = given.astype(np.float32)
+    rows: list[dict[str, Any]] = []
+    baseline: np.ndarray | None = None
+    for name in PROBES:
+        row, preds = _run_one(name, given, floats, runner, y, baseline)
+        if name == "as-given":
+            baseline = preds
+        rows.append(row)
+    return rows
+
+
+def _run_one(name: str, given: np.ndarray, floats: np.ndarray, runner: ModelRunner,
+             labels: np.ndarray | None, baseline: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray | None]:
+    row: dict[str, Any] = {"name": name, "accuracy": None, "pred_entropy": None, "classes_predicted": None,
+                           "mean_confidence": None, "agreement_with_as_given": None, "fix": None,
+                           "n_images": len(given)}
+    if name == "as-given":
+        batch = given  # exactly what the user fed; the runner only casts the dtype
+    else:
+        reason = _precondition(name, floats, runner)
+        if reason is None:
+            batch = PROBES[name](floats)
+            if name in _UNIT_OUTPUT:
+                batch = _to_model_range(batch, runner)
+            reason = _fits_model(batch, runner)
+        if reason is not None:
+            return {**row, "skipped": reason}, None
+        batch = _cast(batch, runner)
+        row["fix"] = probe_fix(name, runner, floats)
+    try:
+        logits = runner.logits(batch)
+    except InputError as exc:
+        return {**row, "skipped": str(exc)}, None
+    preds = logits.argmax(1)
+    row.update(prediction_summary(logits, runner.num_classes or logits.shape[1]))
+    if labels is not None:
+        row["accuracy"] = float((preds == labels).mean())
+    if baseline is not None:
+        row["agreement_with_as_given"] = float((preds == baseline).mean())
+    return row, preds
+
+
+def prediction_summary(logits: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """pred_entropy (normalised entropy of the predicted-class histogram), classes, confidence."""
+    preds = logits.argmax(1)
+    stats = prediction_stats(preds, num_classes)
+    shifted = logits - logits.max(1, keepdims=True)
+    probs = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
+    return {"pred_entropy": stats["pred_entropy"], "classes_predicted": stats["classes_predicted"],
+            "mean_confidence": float(probs.max(1).mean())}
+
+
+# ---- fixes and titles ----------------------------------------------------------------------
+
+def _fmt(values: tuple[float, ...] | list[float], digits: int = 3) -> str:
+    return "(" + ", ".join(f"{v:.{digits}g}" for v in values) + ")"
+
+
+def probe_fix(name: str, runner: ModelRunner, floats: np.ndarray | None = None) -> str:
+    """The one-line fix in code that a successful probe stands for."""
+    pre = runner.input_spec.get("preprocessing") or {}
+    if pre.get("applied_by") == "model" and FINDING_ID.get(name) in ("input-scale", "input-normalization"):
+        does = "divides by 255" if pre.get("kind") == "scale" else "standardises them"
+        return f"pass the raw uint8 images (0..255, no scaling or normalisation); the model {does} itself"
+    pixels = floats is not None and float(floats.max()) > 1.5
+    target = model_range(runner) or "0..1"
+    unit_to_target = {"0..255": " * 255.0", "standardized": " * 255.0  # then the model's mean/std"}.get(target, "")
+    fixes = {
+        "divide-by-255": "x = x / 255.0  # the model was trained on pixels in 0..1",
+        "multiply-by-255": "x = x * 255.0  # /255 was applied twice; remove the extra division",
+        "scale-to-minus1-1": "x = x / 127.5 - 1.0  # the model was trained on pixels in -1..1",
+        "from-minus1-1": f"x = (x + 1.0) / 2.0{unit_to_target}  # the model expects {target}, not -1..1",
+        "standardize-cifar": _standardize_fix(pre, CIFAR_MEAN, CIFAR_STD, pixels),
+        "standardize-imagenet": _standardize_fix(pre, IMAGENET_MEAN, IMAGENET_STD, pixels),
+        "unstandardize-cifar": f"x = x * {_fmt(CIFAR_STD)} + {_fmt(CIFAR_MEAN)}{unit_to_target}  "
+                               f"# undo the mean/std normalisation: the model expects {target}",
+        "unstandardize-imagenet": f"x = x * {_fmt(IMAGENET_STD)} + {_fmt(IMAGENET_MEAN)}{unit_to_target}  "
+                                  f"# undo the ImageNet normalisation: the model expects {target}",
+        "swap-rgb-bgr": ("x = x[..., ::-1]" if runner.input_spec.get("layout") != "NCHW" else "x = x[:, ::-1]")
+                        + "  # BGR -> RGB (e.g. images read with cv2.imread)",
+        "nhwc-to-nchw": "x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW: the model takes channels first",
+        "nchw-to-nhwc": "x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC: the model takes channels last",
+        "undo-planar-reshape": "x = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  "
+                               "# CIFAR rows are planar (all R, then G, then B)",
+    }
+    return fixes[name]
+
+
+def _standardize_fix(pre: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], pixels: bool) -> str:
+    scale = "x / 255.0" if pixels else "x"
+    if pre.get("applied_by") == "caller" and pre.get("kind") == "standardize":
+        # The model's own constants (pixel units) beat the generic ones the probe used.
+        source = "x" if pixels else "x * 255.0"
+        return f"x = ({source} - {_fmt(pre['mean'], 4)}) / {_fmt(pre['std'], 4)}  # the model's training mean/std"
+    return f"x = ({scale} - {_fmt(mean)}) / {_fmt(std)}  # the model was trained on standardised inputs"
+
+
+_CAUSES = {
+    "divide-by-255": "Evaluation inputs are 255x larger than the model expects",
+    "multiply-by-255": "Evaluation inputs are 255x smaller than the model expects (/255 applied twice?)",
+    "scale-to-minus1-1": "The model expects pixels scaled to -1..1, but got 0..255",
+    "from-minus1-1": "Evaluation inputs are scaled to -1..1, which the model was not trained on",
+    "standardize-cifar": "The model expects standardised (mean/std-normalised) inputs, but they are not",
+    "standardize-imagenet": "The model expects ImageNet-standardised inputs, but they are not",
+    "unstandardize-cifar": "Evaluation inputs are mean/std-normalised, but the model was not trained that way",
+    "unstandardize-imagenet": "Evaluation inputs are ImageNet-normalised, but the model was not trained that way",
+    "swap-rgb-bgr": "Evaluation inputs are BGR, but the model was trained on RGB",
+    "nhwc-to-nchw": "Evaluation inputs are NHWC (channels last), but the model takes NCHW",
+    "nchw-to-nhwc": "Evaluation inputs are NCHW (channels first), but the model takes NHWC",
+    "undo-planar-reshape": "Evaluation images were reshaped from CIFAR's planar rows without a transpose",
+}
+
+_ACTIONS = {
+    "divide-by-255": "dividing them by 255", "multiply-by-255": "multiplying them by 255",
+    "scale-to-minus1-1": "scaling them to -1..1", "from-minus1-1": "mapping them back from -1..1",
+    "standardize-cifar": "standardising them", "standardize-imagenet": "standardising them",
+    "unstandardize-cifar": "undoing the normalisation", "unstandardize-imagenet": "undoing the normalisation",
+    "swap-rgb-bgr": "swapping the channels", "nhwc-to-nchw": "transposing them",
+    "nchw-to-nhwc": "transposing them", "undo-planar-reshape": "reshaping them correctly",
+}
+
+
+# ---- probe findings ------------------------------------------------------------------------
+
+def probe_findings(probes: list[dict[str, Any]], labels_given: bool) -> list[Finding]:
+    """One finding per cause whose probe clearly beats the images as given; best first.
+
+    With labels: accuracy rises by >= 0.2 absolute and at least doubles (severity error);
+    or predictions go from collapsed to healthy (below) without losing accuracy (error); or,
+    for subtler mistakes such as BGR, accuracy rises by >= 0.05 and a paired test on the same
+    images rules out chance (warning). Without labels: the entropy of predicted classes goes
+    from collapsed (< 0.6) to healthy (> 0.8) (error), or rises by >= 0.15 to healthy
+    (warning: a keras-cnn fed raw pixels predicts all 10 classes, skewed, entropy 0.75).
+
+    Confidence is reported but not required to rise: inputs 255x too large saturate the
+    network and make it *more* confident (measured: 0.91 on raw pixels vs 0.51 on correct
+    0..1 inputs for a keras-cnn), so it would hide the most common mistake.
+    """
+    as_given = next((p for p in probes if p["name"] == "as-given"), None)
+    if as_given is None:
+        return []
+    best: dict[str, Finding] = {}
+    for probe in probes:
+        if probe["name"] == "as-given" or probe.get("skipped"):
+            continue
+        finding = _judge(probe, as_given, labels_given)
+        cause = FINDING_ID[probe["name"]]
+        if finding is not None and (cause not in best or finding.score > best[cause].score):
+            best[cause] = finding
+    return _drop_partial_corrections(sorted(best.values(), key=lambda f: -f.score), labels_given)
+
+
+def _drop_partial_corrections(findings: list[Finding], labels_given: bool) -> list[Finding]:
+    """Keep only corrections about as good as the best one.
+
+    A transform that leaves the model clearly worse than another one (e.g. rescaling BGR
+    images helps a little by accident) only partly undoes the real cause.
+    """
+    key = "accuracy_corrected" if labels_given else "pred_entropy_corrected"
+    if not findings:
+        return findings
+    top = max(f.evidence[key] for f in findings)
+    return [f for f in findings if f.evidence[key] >= top - 0.05]
+
+
+def _judge(probe: dict[str, Any], as_given: dict[str, Any], labels_given: bool) -> Finding | None:
+    ran = not as_given.get("skipped")
+    entropy_before = as_given["pred_entropy"] if ran else 0.0
+    entropy_gain = probe["pred_entropy"] - entropy_before
+    recovers = entropy_before < COLLAPSED_ENTROPY and probe["pred_entropy"] > HEALTHY_ENTROPY
+    spread = (f"spreads predictions from {as_given['classes_predicted']} to {probe['classes_predicted']} "
+              f"classes (entropy {entropy_before:.2f} -> {probe['pred_entropy']:.2f})")
+    if not labels_given:
+        if recovers:
+            severity = "error"
+        elif probe["pred_entropy"] > HEALTHY_ENTROPY and entropy_gain >= 0.15 and ran:
+            severity = "warning"  # skewed (not collapsed) predictions become healthy
+        else:
+            return None
+        change = spread if ran else f"makes them usable: {probe['classes_predicted']} classes predicted"
+        return _finding(probe, as_given, severity, change, entropy_gain, labels_given)
+    before, after = (as_given["accuracy"] or 0.0) if ran else 0.0, probe["accuracy"]
+    gain = after - before
+    if gain >= 0.2 and after >= 2 * before:
+        severity = "error"
+    elif recovers and gain >= 0:
+        severity = "error"
+    elif gain >= 0.05 and ran and _significant(probe, as_given):
+        severity = "warning"
+    else:
+        return None
+    change = (f"raises accuracy from {before:.1%} to {after:.1%}" if ran
+              else f"makes them usable: accuracy {after:.1%}")
+    if recovers and gain < 0.2:
+        change += f" and {spread}"
+    return _finding(probe, as_given, severity, change, gain + 0.25 * max(entropy_gain, 0.0), labels_given)
+
+
+def _significant(probe: dict[str, Any], as_given: dict[str, Any]) -> bool:
+    """Is the accuracy gain more than sampling noise? A bound from the paired predictions.
+
+    Only images whose prediction changed can change the accuracy. With d the share of them
+    among n images, the gain's standard error under "no real effect" is at most sqrt(d / n)
+    (McNemar's test); we ask for 4 standard errors.
+    """
+    n = probe.get("n_images", 2000)
+    changed = 1.0 - (probe.get("agreement_with_as_given") or 0.0)
+    gain = probe["accuracy"] - as_given["accuracy"]
+    return gain > 4 * np.sqrt(max(changed, 1e-9) / n)
+
+
+def _finding(probe: dict[str, Any], as_given: dict[str, Any], severity: str, change: str,
+             score: float, labels_given: bool) -> Finding:
+    name = probe["name"]
+    title = f"{_CAUSES[name]}: {_ACTIONS[name]} {change}"
+    evidence = {
+        "transform": name,
+        "accuracy_as_given": as_given.get("accuracy"),
+        "accuracy_corrected": probe["accuracy"],
+        "pred_entropy_as_given": as_given.get("pred_entropy"),
+        "pred_entropy_corrected": probe["pred_entropy"],
+        "classes_predicted_as_given": as_given.get("classes_predicted"),
+        "classes_predicted_corrected": probe["classes_predicted"],
+        "mean_confidence_as_given": as_given.get("mean_confidence"),
+        "mean_confidence_corrected": probe["mean_confidence"],
+        "agreement_with_as_given": probe.get("agreement_with_as_given"),
+    }
+    if as_given.get("skipped"):
+        evidence["as_given_error"] = as_given["skipped"]
+    measured = "accuracy on the labels given" if labels_given else "the spread and confidence of predictions"
+    detail = (f"The model was re-run on the same images after '{name}'. Judged by {measured}, the "
+              f"corrected images work far better than the images as given, so this correction undoes "
+              f"the mistake made when the evaluation inputs were prepared.")
+    return Finding(FINDING_ID[name], severity, title, detail, evidence, probe.get("fix") or "", score)
+
+
+# ---- inputs vs training statistics ---------------------------------------------------------
+
+def expected_input_stats(runner: ModelRunner) -> dict[str, Any] | None:
+    """Per-channel mean/std/min/max of what the model was trained on, in its input units."""
+    stats = runner.train_stats
+    if not stats:
+        return None
+    pre = runner.input_spec.get("preprocessing") or {}
+    if pre.get("applied_by") != "caller":  # the model takes raw pixels
+        return {key: np.asarray(stats[key], np.float64) for key in ("mean", "std", "min", "max")}
+    mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
+    return {"mean": (np.asarray(stats["mean"]) - mean) / std, "std": np.asarray(stats["std"]) / std,
+            "min": (np.asarray(stats["min"]) - mean) / std, "max": (np.asarray(stats["max"]) - mean) / std}
+
+
+def image_stats(images: np.ndarray, axis: int, max_images: int = 2000) -> dict[str, np.ndarray]:
+    sample = np.asarray(images[sample_indices(len(images), max_images)], np.float64)
+    per_channel = np.moveaxis(sample, axis, -1).reshape(-1, sample.shape[axis])
+    return {"mean": per_channel.mean(0), "std": per_channel.std(0),
+            "min": per_channel.min(0), "max": per_channel.max(0)}
+
+
+def input_findings(images: np.ndarray, runner: ModelRunner) -> list[Finding]:
+    """Compare the images with the model's stored training statistics (needs runner.train_stats).
+
+    Emits the same ids as the probes (input-layout, input-scale, input-normalization,
+    channel-order), with the statistics as evidence; the probes confirm them by re-running.
+    """
+    expected = expected_input_stats(runner)
+    images = np.asarray(images)
+    axis = channel_axis(images)
+    if expected is None or axis is None:
+        return []
+    given = image_stats(images, axis)
+    findings = [f for f in (_layout_finding(images, axis, runner), _range_finding(images, given, expected, runner))
+                if f is not None]
+    if not any(f.id in ("input-scale", "input-normalization") for f in findings):
+        channel = _channel_order_finding(given, expected, runner)
+        findings += [channel] if channel is not None else []
+    return findings
+
+
+def _stats_evidence(images: np.ndarray, given: dict[str, np.ndarray], expected: dict[str, Any]) -> dict[str, Any]:
+    rounded = lambda v: [round(float(x), 4) for x in v]  # noqa: E731
+    return {"dtype": str(images.dtype), "shape": list(images.shape),
+            "given_mean": rounded(given["mean"]), "given_std": rounded(given["std"]),
+            "given_min": float(given["min"].min()), "given_max": float(given["max"].max()),
+            "train_mean": rounded(expected["mean"]), "train_std": rounded(expected["std"]),
+            "train_min": float(np.min(expected["min"])), "train_max": float(np.max(expected["max"]))}
+
+
+def _layout_finding(images: np.ndarray, axis: int, runner: ModelRunner) -> Finding | None:
+    layout = runner.input_spec.get("layout")
+    given = "NHWC" if axis == -1 else "NCHW"
+    if layout is None or layout == given:
+        return None
+    fix = probe_fix("nchw-to-nhwc" if given == "NCHW" else "nhwc-to-nchw", runner)
+    return Finding("input-layout", "error", f"Evaluation inputs are {given} {tuple(images.shape)}, "
+                   f"but the model takes {layout}",
+                   f"The channels are on axis {1 if axis == 1 else 3} of the images; the model was "
+                   f"trained on {layout} arrays, so it cannot run them (or mixes up rows and colours).",
+                   {"given_layout": given, "model_layout": layout, "shape": list(images.shape)}, fix, 0.9)
+
+
+def _range_finding(images: np.ndarray, given: dict[str, np.ndarray], expected: dict[str, Any],
+                   runner: ModelRunner) -> Finding | None:
+    """input-scale / input-normalization from the value ranges, or None when they match."""
+    g_mean, e_mean = float(given["mean"].mean()), float(expected["mean"].mean())
+    g_std, e_std = float(given["std"].mean()), float(expected["std"].mean())
+    g_min, e_min = float(given["min"].min()), float(np.min(expected["min"]))
+    ratio = g_std / e_std if e_std > 0 else float("inf")
+    if 0.5 <= ratio <= 2 and abs(g_mean - e_mean) <= 0.5 * e_std:
+        return None
+    evidence = {**_stats_evidence(images, given, expected), "std_ratio": round(ratio, 4)}
+    units = "raw pixels 0..255" if model_range(runner) == "0..255" else model_range(runner)
+    said = (f"mean pixel is {g_mean:.4g} (std {g_std:.3g}); training mean was {e_mean:.4g} "
+            f"(std {e_std:.3g}) in the model's input units ({units})")
+    if g_min >= 0 and e_min >= 0 and (ratio > 30 or ratio < 1 / 30):
+        larger = ratio > 1
+        factor = ratio if larger else 1 / ratio
+        probe = "divide-by-255" if larger else "multiply-by-255"
+        what = f"{factor:.0f}x {'larger' if larger else 'smaller'}"
+        if not larger and g_std <= 1:
+            what += ": scaled to 0..1, probably /255 applied twice or by a model that does it itself"
+        return Finding("input-scale", "error", f"Evaluation inputs are {what} than the model's training inputs",
+                       f"The {said}.", evidence, probe_fix(probe, runner, images), 0.8)
+    if g_min < 0 <= e_min:
+        title = "Evaluation inputs are mean/std-normalised (negative values), but the model was trained on " + \
+                ("raw pixels 0..255" if units == "raw pixels 0..255" else f"pixels in {units}")
+        probe = "unstandardize-imagenet" if _closer_to_imagenet(given) else "unstandardize-cifar"
+        return Finding("input-normalization", "error", title, f"The {said}.", evidence,
+                       probe_fix(probe, runner, images), 0.8)
+    if g_min >= 0 > e_min:
+        return Finding("input-normalization", "error",
+                       "The model was trained on standardised inputs (mean 0, std 1), but the evaluation "
+                       "inputs are not normalised", f"The {said}.", evidence,
+                       probe_fix("standardize-cifar", runner, images), 0.8)
+    return Finding("input-normalization", "warning",
+                   f"Evaluation inputs differ from the training inputs: std {ratio:.2g}x the training std",
+                   f"The {said}.", evidence, "", 0.3)
+
+
+def _closer_to_imagenet(given: dict[str, np.ndarray]) -> bool:
+    """Which normalisation turns the given means back into typical natural-image means."""
+    def error(mean: tuple[float, ...], std: tuple[float, ...]) -> float:
+        restored = given["mean"] * np.asarray(std) + np.asarray(mean)
+        return float(np.abs(restored - np.asarray(CIFAR_MEAN)).sum())
+    return error(IMAGENET_MEAN, IMAGENET_STD) < error(CIFAR_MEAN, CIFAR_STD)
+
+
+def _channel_order_finding(given: dict[str, np.ndarray], expected: dict[str, Any],
+                           runner: ModelRunner) -> Finding | None:
+    """Reversed channels: the per-channel mean profile matches training much better reversed."""
+    def profile(stats: dict[str, Any]) -> np.ndarray:
+        mean = np.asarray(stats["mean"], np.float64)
+        return (mean - mean.mean()) / max(float(np.mean(stats["std"])), 1e-12)
+
+    g, e = profile(given), profile(expected)
+    same, reversed_ = float(np.abs(g - e).sum()), float(np.abs(g - e[::-1]).sum())
+    distinct = float(np.abs(e - e[::-1]).sum())  # how much reversal changes the training profile
+    if distinct < 0.05 or reversed_ > 0.3 * same:
+        return None
+    evidence = {"given_mean": [round(float(v), 4) for v in given["mean"]],
+                "train_mean": [round(float(v), 4) for v in expected["mean"]],
+                "profile_distance_as_given": round(same, 4), "profile_distance_reversed": round(reversed_, 4)}
+    return Finding("channel-order", "warning",
+                   "Evaluation inputs look BGR: their per-channel means match the training means reversed",
+                   f"Per-channel means {evidence['given_mean']} vs training {evidence['train_mean']}: the "
+                   f"difference is {same:.3f} std as given but {reversed_:.3f} with the channels reversed.",
+                   evidence, probe_fix("swap-rgb-bgr", runner), 0.5)
+
+
+# ---- a model left in training mode ---------------------------------------------------------
+
+def train_mode_finding(runner: ModelRunner, images: np.ndarray, n: int = 256,
+                       batch_size: int = 64) -> Finding | None:
+    """Predict the same images twice, and once in other batches: an eval-mode model agrees.
+
+    Dropout left on changes the logits between identical calls; BatchNorm in training mode
+    normalises with each batch's statistics, so a different batch composition changes them.
+    """
+    batch = _runnable_sample(runner, np.asarray(images), n)
+    if batch is None:
+        return None
+    first = runner.logits(batch, batch_size)
+    again = runner.logits(batch, batch_size)
+    order = np.random.default_rng(0).permutation(len(batch))
+    regrouped = np.empty_like(first)
+    regrouped[order] = runner.logits(batch[order], batch_size)
+    scale = max(1.0, float(np.abs(first).max()))
+    diff_again, diff_regrouped = (float(np.abs(x - first).max()) for x in (again, regrouped))
+    if max(diff_again, diff_regrouped) <= 1e-3 * scale:  # float noise from kernel choices is far below
+        return None
+    changed = float(np.mean((again.argmax(1) != first.argmax(1)) | (regrouped.argmax(1) != first.argmax(1))))
+    evidence = {"images": len(batch), "max_logit_diff_same_batches": diff_again,
+                "max_logit_diff_other_batches": diff_regrouped, "logit_scale": scale,
+                "changed_predictions": changed}
+    cause = ("dropout is active (identical calls differ)" if diff_again > 1e-3 * scale
+             else "BatchNorm uses batch statistics (the result depends on which images share a batch)")
+    return Finding("train-mode-inference", "error",
+                   f"The model runs in training mode: predicting the same images again moves the logits "
+                   f"by up to {max(diff_again, diff_regrouped):.3g} and changes {changed:.0%} of the predictions",
+                   f"Predictions of {len(batch)} images were repeated and regrouped into other batches; "
+                   f"logits moved by up to {max(diff_again, diff_regrouped):.3g} (scale {scale:.3g}): {cause}.",
+                   evidence,
+                   "call model.eval() before predicting (PyTorch) / use model(x, training=False) or "
+                   "model.predict (Keras); re-export ONNX files from a model in eval mode", 1.0)
+
+
+def _runnable_sample(runner: ModelRunner, images: np.ndarray, n: int) -> np.ndarray | None:
+    """The first n images, transposed if that is the only way the model can run them."""
+    sample = images[:n]
+    candidates = [sample]
+    if channel_axis(sample) == 1:
+        candidates.append(sample.transpose(0, 2, 3, 1))
+    elif channel_axis(sample) == -1:
+        candidates.append(sample.transpose(0, 3, 1, 2))
+    for candidate in candidates:
+        try:
+            runner.check_input(candidate)
+            return candidate
+        except InputError:
+            continue
+    return None

@@ -1,0 +1,342 @@
+"""Run any classifier on numpy arrays *as given*, so diagnosis sees what the user's inputs do.
+
+`open_model` wraps a cifarlab model file or `Classifier`, an ONNX file, a live torch
+`nn.Module` or a plain callable in one `ModelRunner` with the same `logits(images)` call and
+what is known about the model's input contract (`input_spec`) and its training data
+(`train_stats`). Unlike `Classifier.predict`, a runner never validates the *values* of what it
+is fed: a float array in 0..1 given to a model that expects 0..255 is exactly the bug that
+diagnosis has to reproduce. It only refuses arrays the model cannot run at all (wrong rank,
+shape or layout), with an InputError that says what the model declares.
+
+onnxruntime is an optional dependency (`pip install 'cifarlab[onnx]'`), imported only when an
+ONNX file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarlab.errors import CifarlabError, InputError
+from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
+
+ONNX_HINT = "pip install 'cifarlab[onnx]'"
+
+# ONNX element types we can feed, mapped to numpy dtypes.
+_ONNX_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",
+                "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+@dataclass
+class ModelRunner:
+    """A classifier behind one call: `logits(images)` -> (N, C) floats."""
+
+    name: str  # e.g. "model.safetensors (cifarlab airbench-small)" or "model.onnx"
+    kind: str  # "cifarlab" | "onnx" | "callable"
+    num_classes: int | None  # None for a callable until it has been run once
+    classes: list[str] | None
+    # {"dtype": "uint8"|"float32"|None, "layout": "NHWC"|"NCHW"|None, "height", "width",
+    #  "channels", "preprocessing": {...} or None}; None values mean "unknown".
+    input_spec: dict[str, Any]
+    train_stats: dict[str, list[float]] | None  # per-channel mean/std/min/max of raw training pixels
+    trained_accuracy: float | None  # validation accuracy recorded at training time
+    forward: Callable[[np.ndarray], Any] = field(repr=False, default=None)  # one batch, already cast
+    # The dtype batches are cast to before `forward`; None: as given (uint8 or float32).
+    feed_dtype: str | None = None
+    meta: dict[str, Any] | None = field(repr=False, default=None)  # the cifarlab metadata, if any
+
+    def logits(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Run the model on `images` exactly as given (only the dtype is cast); (N, C) float32.
+
+        Outputs that are probabilities (rows in [0, 1] summing to 1) come back as log
+        probabilities, so softmax of the result is always the model's class distribution.
+        """
+        batch = self.check_input(images)
+        outputs = [self._run_batch(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)]
+        if not outputs:
+            return np.zeros((0, self.num_classes or 0), np.float32)
+        result = as_logits(np.concatenate(outputs))
+        if self.num_classes is None:
+            self.num_classes = result.shape[1]
+        return result
+
+    def check_input(self, images: Any) -> np.ndarray:
+        """`images` as a numpy array of the model's dtype, or InputError if it cannot run."""
+        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        spec = self.input_spec
+        if array.ndim != 4:
+            raise InputError(f"{self.name} takes a batch of images {describe_spec(spec)}; "
+                             f"got an array of shape {array.shape} (rank {array.ndim}, expected 4)")
+        if not shape_fits(array.shape, spec):
+            raise InputError(shape_mismatch_message(self.name, spec, array.shape))
+        return cast_for_model(array, self.feed_dtype)
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            out = self.forward(batch)
+        except CifarlabError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # A model with an unknown input contract tells us only by failing; say what we fed it.
+            raise InputError(f"{self.name} failed on a batch of shape {batch.shape} "
+                             f"({batch.dtype}): {str(exc).splitlines()[0]}") from None
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if isinstance(out, torch.Tensor):
+            out = out.detach().float().cpu().numpy()
+        out = np.asarray(out, dtype=np.float32)
+        if out.ndim != 2:
+            raise InputError(f"{self.name} returned an array of shape {out.shape}; expected (N, classes)")
+        return out
+
+
+def as_logits(outputs: np.ndarray) -> np.ndarray:
+    """Probabilities become log-probabilities; logits pass through unchanged."""
+    if outputs.size and outputs.min() >= 0 and outputs.max() <= 1 and np.allclose(outputs.sum(1), 1, atol=1e-3):
+        return np.log(np.clip(outputs, 1e-12, None)).astype(np.float32)
+    return outputs.astype(np.float32, copy=False)
+
+
+def cast_for_model(array: np.ndarray, dtype: str | None) -> np.ndarray:
+    """Cast to the dtype the model needs without rescaling.
+
+    For a uint8 graph, float values are rounded and saturated to 0..255: what the user's
+    values mean in pixel units, never divided or multiplied.
+    """
+    if dtype == "uint8" and array.dtype != np.uint8:
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    if dtype in ("float32", "float16", "float64") and array.dtype != np.dtype(dtype):
+        return array.astype(dtype)
+    if dtype is None and array.dtype not in (np.uint8, np.float32):
+        return array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def expected_shape(spec: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(H, W, C) or (C, H, W) per the spec, or None when the layout is unknown."""
+    h, w, c = spec.get("height"), spec.get("width"), spec.get("channels")
+    if spec.get("layout") == "NHWC":
+        return h, w, c
+    if spec.get("layout") == "NCHW":
+        return c, h, w
+    return None
+
+
+def shape_fits(shape: tuple[int, ...], spec: dict[str, Any]) -> bool:
+    """Does a batch shape match the spec? Unknown (None) dimensions match anything."""
+    expected = expected_shape(spec)
+    if expected is None:
+        return True
+    return len(shape) == 4 and all(e is None or e == d for e, d in zip(expected, shape[1:]))
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    shape = expected_shape(spec)
+    if shape is None:
+        return "(input shape unknown)"
+    dims = ", ".join(str(d) for d in shape)
+    return f"of shape (N, {dims}) {spec.get('layout')}, dtype {spec.get('dtype') or 'float'}"
+
+
+def shape_mismatch_message(name: str, spec: dict[str, Any], shape: tuple[int, ...]) -> str:
+    h, w, c = spec.get("height"), spec.get("width"), spec.get("channels")
+    base = f"{name} takes images {describe_spec(spec)}; got {tuple(shape)}"
+    if spec.get("layout") == "NHWC" and tuple(shape[1:]) == (c, h, w):
+        return f"{base}, which is NCHW (channels first). Transpose with x.transpose(0, 2, 3, 1)."
+    if spec.get("layout") == "NCHW" and tuple(shape[1:]) == (h, w, c):
+        return f"{base}, which is NHWC (channels last). Transpose with x.transpose(0, 3, 1, 2)."
+    return f"{base}. Resize or convert the images to that shape."
+
+
+# ---- opening models ------------------------------------------------------------------------
+
+def open_model(model: str | Path | Classifier | nn.Module | Callable, *,
+               input_spec: dict[str, Any] | None = None, classes: list[str] | None = None) -> ModelRunner:
+    """A ModelRunner for a model file (.safetensors, .onnx), a Classifier, an nn.Module or a callable.
+
+    `input_spec` (partial dicts are merged) and `classes` describe a live module or callable,
+    whose input contract cannot be read from anywhere.
+    """
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if path.suffix.lower() == ".onnx":
+            return open_onnx(path)
+        return cifarlab_runner(load_model(path), name=f"{path.name}")
+    if isinstance(model, Classifier):
+        return cifarlab_runner(model, name="Classifier")
+    if isinstance(model, nn.Module):
+        return module_runner(model, input_spec, classes)
+    if callable(model):
+        return callable_runner(model, input_spec, classes)
+    raise CifarlabError(f"cannot diagnose a {type(model).__name__}: expected a .safetensors or .onnx "
+                        "path, a cifarlab Classifier, a torch nn.Module or a callable returning logits")
+
+
+def cifarlab_runner(classifier: Classifier, name: str) -> ModelRunner:
+    """A cifarlab model, called on the array as given (bypassing predict's validation).
+
+    The classifier keeps whatever train/eval mode it is in: load_model returns eval mode, and
+    a live model left in training mode must show that.
+    """
+    meta = classifier.meta
+    h, w = classifier.image_size
+    spec = {"dtype": "uint8", "layout": "NHWC", "height": h, "width": w, "channels": 3,
+            "preprocessing": {**meta["preprocessing"], "applied_by": "model"}}
+
+    @torch.no_grad()
+    def forward(batch: np.ndarray) -> torch.Tensor:
+        # Floats go through the same Preprocess as uint8 (it calls .float()), which is what
+        # reproduces a doubled or missing /255.
+        return classifier(torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(classifier.device))
+
+    # feed_dtype None: floats must reach the network as given, never rounded to uint8.
+    return ModelRunner(
+        name=f"{name} (cifarlab {meta['architecture']})", kind="cifarlab",
+        num_classes=meta["num_classes"], classes=list(meta["classes"]), input_spec=spec,
+        train_stats=meta.get("train_input_stats"), trained_accuracy=_val_acc(meta),
+        forward=forward, feed_dtype=None, meta=meta)
+
+
+def module_runner(module: nn.Module, input_spec: dict[str, Any] | None,
+                  classes: list[str] | None) -> ModelRunner:
+    """A live torch module; it runs in whatever mode it is in (that is what is being diagnosed)."""
+    spec = {**_unknown_spec(), "dtype": "float32", **(input_spec or {})}
+    try:
+        device = next(module.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    @torch.no_grad()
+    def forward(batch: np.ndarray) -> torch.Tensor:
+        return module(torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(device))
+
+    return ModelRunner(name=type(module).__name__, kind="callable", num_classes=_num_classes(classes),
+                       classes=classes, input_spec=spec, train_stats=None, trained_accuracy=None,
+                       forward=forward, feed_dtype=spec["dtype"])
+
+
+def callable_runner(function: Callable, input_spec: dict[str, Any] | None,
+                    classes: list[str] | None) -> ModelRunner:
+    """A function numpy batch -> logits or probabilities (e.g. a Keras model's predict)."""
+    spec = {**_unknown_spec(), **(input_spec or {})}
+    name = getattr(function, "__qualname__", None) or type(function).__name__
+    return ModelRunner(name=name, kind="callable", num_classes=_num_classes(classes), classes=classes,
+                       input_spec=spec, train_stats=None, trained_accuracy=None, forward=function,
+                    feed_dtype=spec["dtype"])
+
+
+def _unknown_spec() -> dict[str, Any]:
+    return {"dtype": None, "layout": None, "height": None, "width": None, "channels": 3,
+            "preprocessing": None}
+
+
+def _num_classes(classes: list[str] | None) -> int | None:
+    return len(classes) if classes else None
+
+
+def _val_acc(meta: dict[str, Any]) -> float | None:
+    metrics = meta.get("metrics") or {}
+    value = metrics.get("val_acc", metrics.get("test_acc"))
+    return float(value) if value is not None else None
+
+
+# ---- ONNX ----------------------------------------------------------------------------------
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise CifarlabError(f"ONNX models need onnxruntime: {ONNX_HINT}") from None
+    return onnxruntime
+
+
+def open_onnx(path: str | Path) -> ModelRunner:
+    """An onnxruntime CPU session; input contract from the graph, the rest from cifarlab metadata."""
+    ort = import_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise CifarlabError(f"ONNX model not found: {path}")
+    try:
+        # EliminateDropout would silently turn a graph exported in training mode into an
+        # eval-mode one; diagnosis must run the graph as written to see that bug.
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=["EliminateDropout"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise CifarlabError(f"{path} is not a loadable ONNX model: {exc}") from None
+    meta = _onnx_cifarlab_meta(session)
+    spec = onnx_input_spec(session, path, meta)
+    input_name = session.get_inputs()[0].name
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: batch})[0]
+
+    return ModelRunner(
+        name=path.name, kind="onnx", num_classes=_onnx_num_classes(session, meta),
+        classes=_onnx_classes(session, meta), input_spec=spec,
+        train_stats=(meta or {}).get("train_input_stats"),
+        trained_accuracy=_val_acc(meta) if meta else None, forward=forward,
+        feed_dtype=spec["dtype"], meta=meta)
+
+
+def onnx_input_spec(session: Any, path: Path, meta: dict[str, Any] | None) -> dict[str, Any]:
+    inputs = session.get_inputs()
+    declared = ", ".join(f"{i.name}: {i.type} {i.shape}" for i in inputs)
+    if len(inputs) != 1:
+        raise InputError(f"{path.name} declares {len(inputs)} inputs ({declared}); "
+                         "diagnosis needs a classifier with one image input")
+    shape, onnx_type = inputs[0].shape, inputs[0].type
+    if len(shape) != 4:
+        raise InputError(f"{path.name} declares input {declared}, of rank {len(shape)}; "
+                         "diagnosis needs a batch of images of rank 4 (NHWC or NCHW)")
+    if onnx_type not in _ONNX_DTYPES:
+        raise InputError(f"{path.name} declares input {declared}; expected uint8 or float images")
+    if shape[3] == 3:
+        layout, (h, w, c) = "NHWC", shape[1:]
+    elif shape[1] == 3:
+        layout, (c, h, w) = "NCHW", shape[1:]
+    else:
+        raise InputError(f"{path.name} declares input {declared}: neither axis 1 nor axis 3 has "
+                         "3 channels, so its layout (NHWC or NCHW) is unclear")
+    size = [d if isinstance(d, int) else None for d in (h, w)]
+    return {"dtype": _ONNX_DTYPES[onnx_type], "layout": layout, "height": size[0], "width": size[1],
+            "channels": c, "preprocessing": _onnx_preprocessing(meta)}
+
+
+def _onnx_cifarlab_meta(session: Any) -> dict[str, Any] | None:
+    props = session.get_modelmeta().custom_metadata_map
+    try:
+        return json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
+    except json.JSONDecodeError:
+        return None  # someone else's "cifarlab" key: treat the model as foreign
+
+
+def _onnx_preprocessing(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the graph's preprocessing happens: inside (uint8 export) or by the caller (float)."""
+    if not meta:
+        return None
+    if meta.get("onnx_input") == "float":
+        return {**meta["expected_preprocessing"], "applied_by": "caller"}
+    return {**meta["preprocessing"], "applied_by": "model"}
+
+
+def _onnx_classes(session: Any, meta: dict[str, Any] | None) -> list[str] | None:
+    if meta and meta.get("classes"):
+        return list(meta["classes"])
+    raw = session.get_modelmeta().custom_metadata_map.get("classes")
+    try:
+        return list(json.loads(raw)) if raw else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _onnx_num_classes(session: Any, meta: dict[str, Any] | None) -> int | None:
+    last = session.get_outputs()[0].shape[-1]
+    if isinstance(last, int):
+        return last
+    return int(meta["num_classes"]) if meta and "num_classes" in meta else None
