@@ -196,30 +196,6 @@ def test_onnx_graphs_diagnosis_cannot_use_are_explained(tmp_path):
 
 # ---- slow: a real keras-cnn on the real CIFAR-10 ------------------------------------------
 
-@pytest.fixture(scope="session")
-def cifar_keras(cifar10_jpeg, tmp_path_factory):
-    """keras-cnn ("scale": /255 inside) trained briefly on 8,000 real images, ~50% test accuracy.
-
-    Also exported as a float-input ONNX file: like the seed's Keras model, it expects float
-    0..1 NHWC images, and the caller must do the /255.
-    """
-    pytest.importorskip("onnxruntime")
-    from cifarlab.export import export_onnx
-
-    root = tmp_path_factory.mktemp("cifar-keras")
-    cfg = TrainConfig(data="cifar10", model="keras-cnn", epochs=3, batch_size=64, max_train_images=8000,
-                      val_fraction=0.1, seed=0)
-    result = train(cfg, dataset=cifar10_jpeg, run_dir=root / "run", progress=False)
-    onnx = open_model(export_onnx(result.model, root / "float.onnx", input="float")["path"])
-    # A seeded sample: this copy's test set is sorted by class, so the first 2,000 hold 2 classes.
-    keep = np.sort(np.random.default_rng(0).choice(len(cifar10_jpeg.test_y), 2000, replace=False))
-    x, y = cifar10_jpeg.test_x[keep], cifar10_jpeg.test_y[keep]
-    accuracy = float((result.model.predict(x) == y).mean())
-    assert accuracy > 0.4, f"the test model trained badly ({accuracy:.1%}); the probes need a real model"
-    return {"result": result, "onnx": onnx, "cifarlab": open_model(result.model_path), "x": x, "y": y,
-            "root": root}
-
-
 def diagnose_inputs(runner, images, labels=None):
     """Probe and statistics findings together, as `cifarlab diagnose` combines them."""
     rows = run_probes(runner, images, labels)

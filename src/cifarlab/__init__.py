@@ -6,6 +6,8 @@ The pipeline, one module per job:
     modelfile  -> load_model, save_model          (safetensors + metadata; uint8 NHWC contract)
     training   -> train, resume, TrainConfig      (training loop, run folders)
     evaluation -> evaluate                        (metrics.json, cm.json, confusion_matrix.png)
+    diagnosis  -> diagnose                        (why a model predicts only a few classes)
+    export     -> export_onnx                     (ONNX with the preprocessing inside)
 """
 
 __version__ = "0.1.0"
@@ -23,7 +25,8 @@ def __getattr__(name: str):
         "Classifier": "cifarlab.modelfile",
         "create_model": "cifarlab.models", "list_models": "cifarlab.models",
         "train": "cifarlab.training", "resume": "cifarlab.training", "TrainConfig": "cifarlab.training",
-        "evaluate": "cifarlab.evaluation",
+        "evaluate": "cifarlab.evaluation", "diagnose": "cifarlab.diagnosis",
+        "export_onnx": "cifarlab.export",
     }
     if name in homes:
         return getattr(importlib.import_module(homes[name]), name)
@@ -32,4 +35,4 @@ def __getattr__(name: str):
 
 __all__ = ["CifarlabError", "InputError", "load_dataset", "get_split", "Dataset", "load_model",
            "save_model", "Classifier", "create_model", "list_models", "train", "resume",
-           "TrainConfig", "evaluate"]
+           "TrainConfig", "evaluate", "diagnose", "export_onnx"]

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(commands)
     add_evaluate_command(commands)
     add_predict_command(commands)
+    add_diagnose_command(commands)
     commands.add_parser("models", help="list the model architectures").set_defaults(run=run_models)
     return parser
 
@@ -89,6 +90,26 @@ def add_predict_command(commands) -> None:
     p.add_argument("--resize", action="store_true", help="resize images that are not the model's size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=run_predict)
+
+
+def add_diagnose_command(commands) -> None:
+    p = commands.add_parser(
+        "diagnose", help="explain why a classifier mainly predicts a few classes",
+        description="Give what you have: a confusion matrix, predictions (+ labels), or a model "
+                    "with the images you fed it. Exit status: 0 healthy, 1 problem found, 2 bad input.")
+    p.add_argument("--confusion", type=Path, metavar="CM", help="cm.json: a list of rows, row = true class")
+    p.add_argument("--predictions", type=Path, metavar="FILE",
+                   help="probabilities or logits (N, C), or class ids (N,): .npy, .npz or .csv")
+    p.add_argument("--labels", type=Path, metavar="FILE", help="true class ids (N,) or one-hot (N, C)")
+    p.add_argument("--model", metavar="MODEL", help="a cifarlab model.safetensors or any .onnx classifier")
+    p.add_argument("--images", type=Path, metavar="FILE",
+                   help="the images exactly as you fed them to the model (.npy/.npz)")
+    p.add_argument("--data", help="with --model and no --images: a dataset (" + DATA_HELP + ")")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--max-images", type=int, default=2000, help="images per probe (default 2000)")
+    p.add_argument("--json", action="store_true", help="print the machine-readable document")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="write confusion_matrix.png and class_histogram.png")
+    p.set_defaults(run=run_diagnose)
 
 
 # ---- command bodies -------------------------------------------------------------------------
@@ -157,6 +178,22 @@ def run_predict(args) -> int:
         best = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in result["top"])
         print(f"{result['path']}: {best}")
     return 0
+
+
+def run_diagnose(args) -> int:
+    from cifarlab.diagnosis import diagnose
+
+    if args.model is None and (args.images is not None or args.data is not None):
+        raise CifarlabError("--images and --data need --model: which model was fed these images?")
+    if args.model is not None and args.predictions is not None:
+        raise CifarlabError("give either --model (cifarlab runs it) or --predictions (outputs you already have)")
+    diagnosis = diagnose(confusion=args.confusion, predictions=args.predictions, labels=args.labels,
+                         model=args.model, images=args.images, data=args.data, split=args.split,
+                         max_images=args.max_images, plot_dir=args.plot)
+    print(diagnosis.to_json() if args.json else diagnosis.format_text())
+    if args.plot and not args.json:
+        print(f"\nplots in {args.plot}")
+    return diagnosis.exit_code
 
 
 def run_models(args) -> int:

@@ -38,7 +38,7 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
         model = load_model(model_path)
     dataset = resolve_dataset(model, data, progress)
     check_classes(model, dataset)
-    images, labels = split_images(model, dataset, split)
+    images, labels = split_images(model.meta, dataset, split)
 
     probs = model.predict_proba(images)
     meta = model.meta
@@ -76,13 +76,13 @@ def check_classes(model: Classifier, dataset: Dataset) -> None:
         )
 
 
-def split_images(model: Classifier, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The images of `split`; for "val", the very split the model was trained without."""
+def split_images(meta: dict[str, Any], dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images of `split`; for "val", the very split the model (`meta`) was trained without."""
     if split == "test":
         return get_split(dataset, "test")
     if split != "val":
         raise CifarlabError(f"--split must be 'val' or 'test', got {split!r}")
-    recorded = model.meta.get("split")
+    recorded = meta.get("split")
     if not recorded or not recorded.get("n_val"):
         raise CifarlabError("this model was trained without a validation split; use --split test")
     fraction, seed = recorded["val_fraction"], recorded["seed"]

@@ -77,6 +77,10 @@ a few weak classes, and imbalanced data must all come out "healthy".
     Predictions count as confident when mean confidence is at least 0.5 and at
     least 0.25 above uniform (1/C). A trained network run on shuffled labels is
     this confident; an untrained one stays near 1/C.
+``NEAR_CHANCE_TRAINED_MARGIN = 0.2``
+    When the model's recorded training-time accuracy beats chance by at least 20
+    points, chance accuracy now cannot mean "never learned", however unconfident
+    its predictions: labels misaligned with the images (shuffled) is the reading.
 ``TRAIN_EVAL_GAP_RATIO = 0.5``, ``TRAIN_EVAL_GAP_POINTS = 0.20``
     Measured accuracy below half of the accuracy recorded at training, or more
     than 20 points below it. Normal drift between a validation split and a test
@@ -128,6 +132,7 @@ NEAR_CHANCE_Z = 3.0
 NEAR_CHANCE_MIN_LIFT = 0.02
 CONFIDENT_MEAN = 0.5
 CONFIDENT_MARGIN = 0.25
+NEAR_CHANCE_TRAINED_MARGIN = 0.2
 TRAIN_EVAL_GAP_RATIO = 0.5
 TRAIN_EVAL_GAP_POINTS = 0.20
 CONFIDENTLY_WRONG = 0.9
@@ -393,7 +398,8 @@ def _collapse_finding(pred_counts: np.ndarray, cm: np.ndarray | None, names: lis
         "never_predicted": int(never.size), "never_predicted_classes": _names_of(never, names),
     }
     detail = (
-        f"{_most_predicted(len(top))} ({_listed(_names_of(top, names))}) take {_pct(share)} of "
+        f"{_most_predicted(len(top))} ({_listed(_names_of(top, names))}) {'takes' if len(top) == 1 else 'take'} "
+        f"{_pct(share)} of "
         f"predictions but {_pct(expected_share)} under {reference}"
         + (f" ({ratio:.1f}x over-represented)" if np.isfinite(ratio) else "")
         + f"; prediction entropy is {pred_entropy:.2f} against {true_entropy:.2f} for the labels and "
@@ -456,15 +462,22 @@ def _permutation_finding(cm: np.ndarray, names: list[str], col_of_row: np.ndarra
                    score=_SCORE_PERMUTATION + remapped - accuracy)
 
 
-def _near_chance_detail(stats: dict[str, Any], confidence: _Confidence | None) -> tuple[str, str, str]:
-    """(severity, detail, fix) for chance accuracy with diverse predictions: shuffled labels or no learning."""
+def _near_chance_detail(stats: dict[str, Any], confidence: _Confidence | None,
+                        learned: bool) -> tuple[str, str, str]:
+    """(severity, detail, fix) for chance accuracy with diverse predictions: shuffled labels or no learning.
+
+    `learned`: the accuracy recorded at training was clearly above chance, which rules out
+    "never learned" whatever the confidence looks like.
+    """
     spread = (f"Predictions are spread over {stats['classes_predicted']} classes (entropy "
               f"{stats['pred_entropy']:.2f} against {stats['true_entropy']:.2f} for the labels)")
-    if confidence is not None and not confidence.confident:
+    if confidence is not None and not confidence.confident and not learned:
         return ("error", f"{spread} but with a mean confidence of only {confidence.mean:.2f}: the model has most "
                 "likely not learned (untrained or freshly initialised weights, a wrong checkpoint, diverged training).",
                 "check that the trained weights are loaded and that the training loss went down")
     confident = f", with a mean confidence of {confidence.mean:.2f}" if confidence is not None else ""
+    if learned:
+        confident += f", from a model that reached {_pct(stats['trained_accuracy'])} at training"
     return ("error", f"{spread}{confident}, yet they match the labels only as often as chance. A good-looking "
             "prediction distribution with chance accuracy typically means labels were shuffled relative to the "
             "images, e.g. a Keras generator with shuffle=True during predict, or labels collected in a "
@@ -475,7 +488,7 @@ def _near_chance_detail(stats: dict[str, Any], confidence: _Confidence | None) -
 
 
 def _near_chance_finding(cm: np.ndarray, stats: dict[str, Any], confidence: _Confidence | None,
-                         cause: Finding | None) -> Finding | None:
+                         cause: Finding | None, trained_accuracy: float | None = None) -> Finding | None:
     """Accuracy not clearly above chance; the detail depends on what else was found."""
     n, accuracy, chance = int(cm.sum()), stats["accuracy"], _chance_level(cm)
     significant, useful = _above_chance(accuracy, chance, n)
@@ -495,7 +508,9 @@ def _near_chance_finding(cm: np.ndarray, stats: dict[str, Any], confidence: _Con
         return Finding("near-chance", "warning", title, "Part of the prediction collapse above: a model that "
                        "predicts a few classes cannot beat chance.", evidence, fix=cause.fix,
                        score=_SCORE_NEAR_CHANCE)
-    severity, detail, fix = _near_chance_detail(stats, confidence)
+    learned = trained_accuracy is not None and trained_accuracy >= chance + NEAR_CHANCE_TRAINED_MARGIN
+    severity, detail, fix = _near_chance_detail({**stats, "trained_accuracy": trained_accuracy}, confidence,
+                                                learned)
     return Finding("near-chance", severity, title, detail, evidence, fix=fix, score=_SCORE_NEAR_CHANCE)
 
 
@@ -570,7 +585,7 @@ def _diagnose(pred_counts: np.ndarray, cm: np.ndarray | None, names: list[str], 
         diagnosis.summary["remapped_accuracy"] = remapped
         permutation = _permutation_finding(cm, names, col_of_row, remapped)
         findings += [permutation] if permutation else []
-        near = _near_chance_finding(cm, stats, confidence, permutation or collapse)
+        near = _near_chance_finding(cm, stats, confidence, permutation or collapse, trained_accuracy)
         findings += [near] if near else []
         if trained_accuracy is not None:
             gap = _gap_finding(stats["accuracy"], trained_accuracy, findings)

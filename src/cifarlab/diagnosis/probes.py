@@ -410,6 +410,7 @@ def _finding(probe: dict[str, Any], as_given: dict[str, Any], severity: str, cha
     title = f"{_CAUSES[name]}: {_ACTIONS[name]} {change}"
     evidence = {
         "transform": name,
+        "effect": f"{_ACTIONS[name]} {change}",
         "accuracy_as_given": as_given.get("accuracy"),
         "accuracy_corrected": probe["accuracy"],
         "pred_entropy_as_given": as_given.get("pred_entropy"),

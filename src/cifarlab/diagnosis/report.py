@@ -5,8 +5,10 @@ JSON schema (stable; documented in the README):
      "summary": {...},                      # headline numbers: accuracy, entropy, collapse, ...
      "findings": [{"id", "severity", "title", "detail", "evidence": {...}, "fix"}],
      "probes": [{"name", "accuracy", "pred_entropy", ...}]}
-Findings are ordered most likely cause first. The verdict is "problem" when any finding
-has severity "error" or "warning"; "info" findings never fail a pipeline.
+Findings are ordered most likely cause first: causes (a preprocessing mismatch, misaligned
+labels, training mode) before the symptoms they explain (collapse, chance accuracy, a gap
+to the trained accuracy), then by severity and strength. The verdict is "problem" when any
+finding has severity "error" or "warning"; "info" findings never fail a pipeline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ FINDING_IDS = (
     "prediction-collapse", "input-scale", "input-normalization", "channel-order", "input-layout",
     "label-permutation", "train-mode-inference", "near-chance", "train-eval-gap",
 )
+
+
+SUMMARY_KEYS = ("model", "num_samples", "num_classes", "accuracy", "chance_accuracy", "classes_predicted",
+                "top_classes", "top_classes_share", "pred_entropy", "true_entropy", "mean_confidence",
+                "as_given_error")
+
+# Findings that name why the model misbehaves, as opposed to how it shows.
+CAUSE_IDS = frozenset({"input-scale", "input-normalization", "channel-order", "input-layout",
+                       "label-permutation", "train-mode-inference"})
 
 
 @dataclass
@@ -64,7 +75,8 @@ class Diagnosis:
 
     def ranked(self) -> list[Finding]:
         order = {s: i for i, s in enumerate(SEVERITIES)}
-        return sorted(self.findings, key=lambda f: (order[f.severity], -f.score))
+        return sorted(self.findings, key=lambda f: (f.severity == "info", f.id not in CAUSE_IDS,
+                                                    order[f.severity], -f.score))
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "summary": self.summary,
@@ -76,8 +88,11 @@ class Diagnosis:
     def format_text(self) -> str:
         """The terminal summary: verdict, most likely cause first, evidence, the fix."""
         lines = [f"verdict: {self.verdict.upper()}"]
-        for key, value in self.summary.items():
-            if isinstance(value, (int, float, str)):
+        for key in SUMMARY_KEYS:  # the headline numbers; --json has all of them
+            value = self.summary.get(key)
+            if isinstance(value, list):
+                value = ", ".join(map(str, value[:10])) + (", ..." if len(value) > 10 else "")
+            if value is not None:
                 lines.append(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
         for i, finding in enumerate(self.ranked(), 1):
             lines += ["", f"{i}. [{finding.severity}] {finding.title}  ({finding.id})", f"   {finding.detail}"]
@@ -86,10 +101,17 @@ class Diagnosis:
         if self.probes:
             lines += ["", "probes (the model re-run under candidate corrections):"]
             for probe in self.probes:
-                acc = probe.get("accuracy")
-                acc_text = f"accuracy {acc:6.1%}" if acc is not None else "accuracy    n/a"
-                lines.append(f"  {probe['name']:24s} {acc_text}  pred entropy {probe.get('pred_entropy', float('nan')):.2f}")
+                lines.append(f"  {probe['name']:24s} {_probe_text(probe)}")
         return "\n".join(lines)
+
+
+def _probe_text(probe: dict[str, Any]) -> str:
+    if probe.get("skipped"):
+        return f"skipped: {probe['skipped']}"
+    acc = probe.get("accuracy")
+    acc_text = f"accuracy {acc:6.1%}" if acc is not None else "accuracy    n/a"
+    return (f"{acc_text}  pred entropy {probe['pred_entropy']:.2f}  "
+            f"classes {probe['classes_predicted']:3d}  confidence {probe['mean_confidence']:.2f}")
 
 
 def _jsonable(value: Any) -> Any:

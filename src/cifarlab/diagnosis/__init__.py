@@ -1,0 +1,201 @@
+"""Explain why a classifier mainly predicts a few classes, from whatever the user has.
+
+    diagnose(confusion=cm)                                  # only a confusion matrix
+    diagnose(predictions=probs, labels=y)                   # model outputs (+ labels)
+    diagnose(model="model.onnx", images=x, labels=y)        # a model and what it was fed
+    diagnose(model="model.safetensors", data="cifar10", split="test")
+
+Output-only analysis (collapse.py) finds the symptom: collapse, permuted labels, chance
+accuracy, a gap to the accuracy recorded at training. With a model, probes.py finds the
+cause: it compares the inputs with the training statistics stored in the model file and
+re-runs the model under candidate corrections (divide by 255, swap BGR, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
+from cifarlab.diagnosis.inputs import as_labels, load_array
+from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes, train_mode_finding
+from cifarlab.diagnosis.report import Diagnosis, Finding
+from cifarlab.diagnosis.runners import ModelRunner, open_model
+from cifarlab.errors import CifarlabError, InputError
+
+__all__ = ["diagnose", "Diagnosis", "Finding"]
+
+ArrayLike = Any  # np.ndarray, or a path to .npy/.npz/.csv
+
+
+def diagnose(*, confusion: ArrayLike | None = None, predictions: ArrayLike | None = None,
+             labels: ArrayLike | None = None, model: Any = None, images: ArrayLike | None = None,
+             data: Any = None, split: str = "test", class_names: list[str] | None = None,
+             max_images: int = 2000, plot_dir: str | Path | None = None) -> Diagnosis:
+    """Diagnose a classifier from a confusion matrix, predictions, or a model and its inputs.
+
+    Paths are read as .npy/.npz/.csv (and cm.json for `confusion`). With a model, give the
+    images it was fed (`images`, optional `labels`) or a dataset (`data`, `split`); a
+    cifarlab model defaults to the dataset it was trained on. `max_images` bounds the
+    probes' cost. `plot_dir` also writes the confusion matrix and class histogram PNGs.
+    """
+    if model is not None:
+        diagnosis, y_pred, y_true, names = _diagnose_model(model, images, labels, data, split,
+                                                           class_names, max_images)
+    elif predictions is not None:
+        diagnosis, y_pred, y_true, names = _diagnose_predictions(predictions, labels, class_names)
+    elif confusion is not None:
+        cm = _read_confusion(confusion)
+        diagnosis = analyze_confusion(cm, class_names)
+        y_pred, y_true, names = None, None, class_names
+        if plot_dir is not None:
+            _plot(diagnosis, plot_dir, cm=cm, names=names)
+        return diagnosis
+    else:
+        raise CifarlabError("nothing to diagnose: give a confusion matrix (--confusion), predictions "
+                            "(--predictions [--labels]) or a model with its inputs (--model --images/--data)")
+    if plot_dir is not None:
+        _plot(diagnosis, plot_dir, y_pred=y_pred, y_true=y_true, names=names)
+    return diagnosis
+
+
+# ---- the three entry points --------------------------------------------------------------
+
+def _read_confusion(confusion: ArrayLike) -> np.ndarray:
+    from cifarlab.metrics import load_confusion_json
+
+    if isinstance(confusion, (str, Path)):
+        path = Path(confusion)
+        return load_confusion_json(path) if path.suffix.lower() == ".json" else load_array(path, "predictions")
+    return np.asarray(confusion)
+
+
+def _diagnose_predictions(predictions: ArrayLike, labels: ArrayLike | None, class_names: list[str] | None):
+    outputs = _array(predictions, "predictions")
+    raw_labels = None if labels is None else _array(labels, "labels")  # may be one-hot: analysis notes it
+    y_true = None if raw_labels is None else as_labels(raw_labels)[0]
+    if outputs.ndim == 2:  # probabilities or logits
+        probs, y_pred, num_classes = outputs, outputs.argmax(1), outputs.shape[1]
+    elif outputs.ndim == 1:  # class ids
+        probs, y_pred = None, as_labels(outputs)[0]
+        largest = max(int(y_pred.max(initial=0)), int(y_true.max(initial=0)) if y_true is not None else 0)
+        num_classes = len(class_names) if class_names else largest + 1
+    else:
+        raise InputError(f"predictions must be (N, C) probabilities/logits or (N,) class ids; got shape {outputs.shape}")
+    diagnosis = analyze_predictions(y_pred, num_classes, y_true=raw_labels, probs=probs, class_names=class_names)
+    return diagnosis, y_pred, y_true, class_names
+
+
+def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | None, data: Any,
+                    split: str, class_names: list[str] | None, max_images: int):
+    runner = open_model(model)
+    if images is None:
+        x, y = _dataset_images(runner, data, split)
+    else:
+        x = _array(images, "images")
+        y = None if labels is None else as_labels(_array(labels, "labels"))[0]
+    if y is not None and len(y) != len(x):
+        raise InputError(f"got {len(x)} images but {len(y)} labels; they must correspond one to one")
+    names = class_names or runner.classes
+
+    y_pred, diagnosis = None, None
+    try:
+        logits = runner.logits(x)
+    except InputError as exc:  # the model cannot even run on them: the probes say why
+        diagnosis = Diagnosis(summary={"model": runner.name, "num_samples": len(x), "runs_as_given": False,
+                                       "as_given_error": str(exc)})
+    else:
+        y_pred = logits.argmax(1)
+        diagnosis = analyze_predictions(y_pred, logits.shape[1], y_true=y, probs=_softmax(logits),
+                                        class_names=names, trained_accuracy=runner.trained_accuracy)
+        diagnosis.summary = {"model": runner.name, **diagnosis.summary}
+
+    for finding in input_findings(x, runner):
+        _merge(diagnosis, finding)
+    diagnosis.probes = run_probes(runner, x, y, max_images=max_images)
+    for finding in probe_findings(diagnosis.probes, labels_given=y is not None):
+        _merge(diagnosis, finding)
+    finding = train_mode_finding(runner, x)
+    if finding is not None:
+        _merge(diagnosis, finding)
+    return diagnosis, y_pred, y, names
+
+
+def _dataset_images(runner: ModelRunner, data: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset split as raw uint8 images; for a cifarlab model, "val" is its recorded split."""
+    from cifarlab.data import Dataset, get_split, load_dataset
+    from cifarlab.evaluation import split_images
+
+    spec = data or (runner.meta or {}).get("dataset", {}).get("spec")
+    if spec is None:
+        raise CifarlabError("which images should the model be diagnosed on? Pass --images (what you fed it) "
+                            "or --data with --split")
+    dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False)
+    if runner.kind == "cifarlab" and runner.meta is not None:
+        return split_images(runner.meta, dataset, split)
+    if split not in ("val", "test"):
+        raise CifarlabError(f"--split must be val or test, got {split!r}")
+    return get_split(dataset, split)
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+def _array(value: ArrayLike, what: str) -> np.ndarray:
+    return load_array(value, what) if isinstance(value, (str, Path)) else np.asarray(value)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
+
+
+def _merge(diagnosis: Diagnosis, finding: Finding) -> None:
+    """Add a finding; one finding per id, the stronger one keeping the other's evidence.
+
+    The stored-statistics comparison and the probes often both name the same cause (e.g.
+    input-scale): the reader should see one finding with both kinds of evidence.
+    """
+    order = {"error": 0, "warning": 1, "info": 2}
+    for i, existing in enumerate(diagnosis.findings):
+        if existing.id != finding.id:
+            continue
+        strong, weak = sorted([existing, finding], key=lambda f: (order[f.severity], -f.score))
+        if "effect" in weak.evidence and "effect" not in strong.evidence:
+            # The statistics say what differs, the probe what correcting it achieves: say both.
+            strong.title = f"{strong.title}; {weak.evidence['effect']}"
+            strong.detail = f"{strong.detail} {weak.detail}"
+        strong.evidence = {**weak.evidence, **strong.evidence}
+        diagnosis.findings[i] = strong
+        return
+    diagnosis.add(finding)
+
+
+def _plot(diagnosis: Diagnosis, plot_dir: str | Path, *, cm: np.ndarray | None = None,
+          y_pred: np.ndarray | None = None, y_true: np.ndarray | None = None,
+          names: list[str] | None = None) -> None:
+    """confusion_matrix.png (collapsed columns outlined) and class_histogram.png."""
+    from cifarlab.metrics import confusion_matrix
+    from cifarlab.plots import plot_confusion_matrix, plot_prediction_histogram
+
+    if cm is None and y_pred is None:
+        return  # the model could not run on the inputs as given: nothing to draw
+    if cm is None and y_true is not None:
+        num_classes = len(names) if names else int(max(y_pred.max(), y_true.max()) + 1)
+        cm = confusion_matrix(y_true, y_pred, num_classes)
+    num_classes = cm.shape[0] if cm is not None else (len(names) if names else int(y_pred.max() + 1))
+    names = names or [str(i) for i in range(num_classes)]
+    collapsed = [f for f in diagnosis.findings if f.id == "prediction-collapse"]
+    highlight = diagnosis.summary.get("top_class_ids", []) if collapsed else []
+    out = Path(plot_dir)
+    verdict = f"diagnosis: {diagnosis.verdict}"
+    if cm is not None:
+        plot_confusion_matrix(cm, names, out / "confusion_matrix.png", highlight_columns=highlight,
+                              title=f"Confusion matrix ({verdict}; outlined: classes that take most predictions)"
+                              if highlight else f"Confusion matrix ({verdict})")
+        pred_counts, true_counts = cm.sum(0), cm.sum(1)
+    else:
+        pred_counts, true_counts = np.bincount(y_pred, minlength=num_classes), None
+    plot_prediction_histogram(true_counts, pred_counts, names, out / "class_histogram.png",
+                              title=f"How often each class is predicted vs how often it occurs ({verdict})")
