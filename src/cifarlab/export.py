@@ -63,7 +63,7 @@ def export_onnx(model: Classifier | str | Path, path: str | Path, *, input: str 
     batch statistics). It exists only so tests can reproduce the "model left in training
     mode" bug; such a graph is not checked against PyTorch (its outputs are random).
     """
-    onnx = _import("onnx")
+    onnx = import_onnx_package("onnx")
     if input not in ("uint8", "float"):
         raise CifarlabError(f"input must be 'uint8' or 'float', got {input!r}")
     classifier = load_model(model) if isinstance(model, (str, Path)) else model
@@ -140,7 +140,7 @@ def _write_metadata(onnx: Any, path: str, metadata: dict[str, str]) -> None:
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The cifarlab metadata of an exported file (with "classes" decoded), {} if it has none."""
-    ort = _import("onnxruntime")
+    ort = import_onnx_package("onnxruntime")
     props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     meta = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
     if "classes" in props:
@@ -155,7 +155,7 @@ def verify_onnx(classifier: Classifier, path: str | Path, input: str, n: int = 1
     The reference is always the Classifier on raw uint8 pixels, so a float export is checked
     together with the preprocessing its metadata tells callers to apply.
     """
-    ort = _import("onnxruntime")
+    ort = import_onnx_package("onnxruntime")
     h, w = classifier.image_size
     pixels = np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
     expected = classifier.eval()(torch.from_numpy(pixels)).numpy()
@@ -177,8 +177,9 @@ def preprocess_float(pixels: np.ndarray, expected: dict[str, Any]) -> np.ndarray
     return ((pixels.astype(np.float32) - mean) / std).astype(np.float32)
 
 
-def _import(name: str) -> Any:
+def import_onnx_package(name: str) -> Any:
+    """onnx or onnxruntime, which are optional: a clear error says how to install them."""
     try:
         return __import__(name)
     except ImportError:
-        raise CifarlabError(f"ONNX export needs the {name} package: {ONNX_HINT}") from None
+        raise CifarlabError(f"this needs the {name} package, an optional extra: {ONNX_HINT}") from None

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from cifarlab.errors import CifarlabError, InputError
+from cifarlab.export import import_onnx_package
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
 
-ONNX_HINT = "pip install 'cifarlab[onnx]'"
 
 # ONNX element types we can feed, mapped to numpy dtypes.
 _ONNX_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",
@@ -248,17 +248,9 @@ def _val_acc(meta: dict[str, Any]) -> float | None:
 
 # ---- ONNX ----------------------------------------------------------------------------------
 
-def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise CifarlabError(f"ONNX models need onnxruntime: {ONNX_HINT}") from None
-    return onnxruntime
-
-
 def open_onnx(path: str | Path) -> ModelRunner:
     """An onnxruntime CPU session; input contract from the graph, the rest from cifarlab metadata."""
-    ort = import_onnxruntime()
+    ort = import_onnx_package("onnxruntime")
     path = Path(path)
     if not path.is_file():
         raise CifarlabError(f"ONNX model not found: {path}")
