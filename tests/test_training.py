@@ -15,8 +15,8 @@ from PIL import Image
 
 from cifarlab.data import load_dataset
 from cifarlab.modelfile import load_model, read_safetensors
-from cifarlab.training import (TrainConfig, join_optimizer_state, lr_at, resume,
-                               split_optimizer_state, train)
+from cifarlab.training import (EMA_EVERY, Trainer, TrainConfig, WeightEMA, join_optimizer_state, lr_at,
+                               resume, split_optimizer_state, train)
 from synthetic import synthetic_dataset
 
 QUICK = dict(model="airbench-small", epochs=3, batch_size=32, lr=0.2, seed=0, device="cpu")
@@ -85,7 +85,6 @@ def test_resume_continues_to_the_same_model(tmp_path):
     full = train(TrainConfig(**QUICK), dataset=ds, run_dir=tmp_path / "full", progress=False)
     # Interrupt after epoch 1 by training a 1-epoch-long prefix of the same 3-epoch run...
     short = TrainConfig(**QUICK)
-    from cifarlab.training import Trainer
     trainer = Trainer(short, ds, tmp_path / "part", progress=False)
     trainer.run_dir.mkdir()
     trainer.history.append({**trainer.train_epoch(1), **trainer.evaluate_val()})
@@ -95,6 +94,62 @@ def test_resume_continues_to_the_same_model(tmp_path):
     wf, wr = weights(full.model_path), weights(resumed.model_path)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+# 48 training images in batches of 8: 6 steps an epoch, so the EMA also folds in a partial
+# group of steps (6 = 5 + 1) at each epoch's end.
+EMA_RUN = dict(QUICK, batch_size=8, epochs=2)
+
+
+def ema_dataset():
+    return synthetic_dataset(n_train_per_class=15)
+
+
+def test_ema_update_weights_and_decay_zero_copies():
+    live = torch.nn.Linear(3, 2)
+    ema = WeightEMA(live, 0.9)
+    with torch.no_grad():
+        ema.model.weight.zero_()
+    ema.update(EMA_EVERY, EMA_EVERY)  # the first update copies: no bias towards the initial weights
+    assert torch.equal(ema.model.weight, live.weight)
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(1, EMA_EVERY + 1)
+    weight = (1 - 0.9) / (1 - 0.9 ** (EMA_EVERY + 1))
+    torch.testing.assert_close(ema.model.weight, before + weight * (live.weight - before))
+    zero = WeightEMA(live, 0.0)
+    zero.update(1, 100)
+    assert torch.equal(zero.model.weight, live.weight)
+
+
+def test_ema_with_decay_zero_is_the_live_model(tmp_path):
+    trainer = Trainer(TrainConfig(**dict(EMA_RUN, epochs=1), ema=0.0), ema_dataset(), tmp_path / "run",
+                      progress=False)
+    result = trainer.fit()
+    live = trainer.model.state_dict()
+    assert all(torch.equal(v, live[k]) for k, v in result.model.state_dict().items())
+
+
+def test_ema_is_validated_and_saved_and_resumes_exactly(tmp_path):
+    ds = ema_dataset()
+    full = Trainer(TrainConfig(**EMA_RUN, ema=0.9), ds, tmp_path / "full", progress=False)
+    result = full.fit()
+    saved, live = weights(result.model_path), full.model.state_dict()
+    assert not torch.equal(saved["net.head.weight"], live["net.head.weight"])
+    assert all(torch.equal(saved[k], v) for k, v in full.ema.model.state_dict().items())
+    checkpoint = weights(tmp_path / "full" / "checkpoint.safetensors")
+    assert all(torch.equal(checkpoint[f"ema.{k}"], v) for k, v in saved.items())
+    # The validation numbers are the saved (EMA) model's.
+    val_x, val_y = full.val_x.numpy(), full.val_y.numpy()
+    assert (result.model.predict(val_x) == val_y).mean() == pytest.approx(result.history[-1]["val_acc"])
+    # Interrupted after epoch 1, then resumed from the checkpoint: the same EMA, bit for bit.
+    part = Trainer(TrainConfig(**EMA_RUN, ema=0.9), ds, tmp_path / "part", progress=False)
+    part.run_dir.mkdir()
+    part.history.append({**part.train_epoch(1), **part.evaluate_val()})
+    part.save_checkpoint()
+    resumed = resume(tmp_path / "part", dataset=ds, progress=False)
+    assert all(torch.equal(v, saved[k]) for k, v in weights(resumed.model_path).items())
 
 
 def write_image_folder(root, ds):

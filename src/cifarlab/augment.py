@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def _fold(coords: torch.Tensor, size: int, fill: str) -> torch.Tensor:
+def fold_coordinates(coords: torch.Tensor, size: int, fill: str) -> torch.Tensor:
     """Map out-of-range pixel coordinates back into [0, size)."""
     if fill == "edge":
         return coords.clamp(0, size - 1)
@@ -32,8 +32,8 @@ def random_translate_flip(images: torch.Tensor, max_shift: int, flip: bool = Tru
     shift_y = torch.randint(-max_shift, max_shift + 1, (n, 1), generator=generator).to(device)
     shift_x = torch.randint(-max_shift, max_shift + 1, (n, 1), generator=generator).to(device)
     mirror = (torch.rand(n, 1, generator=generator) < 0.5).to(device) if flip else None
-    rows = _fold(torch.arange(h, device=device) + shift_y, h, fill)  # (N, H)
-    cols = _fold(torch.arange(w, device=device) + shift_x, w, fill)  # (N, W)
+    rows = fold_coordinates(torch.arange(h, device=device) + shift_y, h, fill)  # (N, H)
+    cols = fold_coordinates(torch.arange(w, device=device) + shift_x, w, fill)  # (N, W)
     if mirror is not None:
         cols = torch.where(mirror, (w - 1) - cols, cols)
     batch = torch.arange(n, device=device)[:, None, None]

@@ -66,6 +66,13 @@ def add_train_command(commands) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast")
     p.add_argument("--max-train-images", type=int, help="train on a class-balanced subset (quick runs)")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="choose the number of epochs (instead of --epochs) so that training, "
+                        "validation and a final test evaluation fit in this many minutes, "
+                        "from step times measured on this machine")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and save a moving average of the weights (e.g. 0.999; it "
+                        "averages over about 1/(1-DECAY) steps, so keep that well under the run's steps)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<data>-<model>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -77,6 +84,9 @@ def add_evaluate_command(commands) -> None:
     p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`")
     add_data_options(p, None)
     p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--tta", choices=["flip", "flip+translate"],
+                   help="test-time augmentation: average the logits over each image and its mirror "
+                        "(flip), and also over 1-pixel shifts (flip+translate)")
     p.add_argument("--out", type=Path, help="output folder (default: next to the model)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_evaluate)
@@ -141,7 +151,7 @@ def run_train(args) -> int:
             schedule=args.schedule, label_smoothing=args.label_smoothing,
             translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,
             seed=args.seed, device=args.device, amp=args.amp,
-            max_train_images=args.max_train_images,
+            max_train_images=args.max_train_images, time_budget=args.time_budget, ema=args.ema,
         )
         cfg.validate()  # before a possibly long download
         pick_device(cfg.device)
@@ -160,8 +170,11 @@ def run_evaluate(args) -> int:
     from cifarlab.metrics import format_report
 
     data = load_dataset(args.data, verify=not args.no_verify, progress=not args.quiet) if args.data else None
-    report = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet)
+    report = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet,
+                      tta=args.tta)
     print(format_report(report))
+    if args.tta:
+        print(f"test-time augmentation: {args.tta}")
     print(f"\nwrote metrics.json, cm.json, confusion_matrix.png to {report['out_dir']}")
     return 0
 

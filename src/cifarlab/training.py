@@ -6,18 +6,25 @@ after every epoch; `resume` continues from it) and the final model.safetensors.
 Determinism: each epoch's shuffling, augmentation and dropout draw from generators seeded
 by (seed, epoch), so a run resumed at an epoch boundary is bit-identical on the CPU to one
 that never stopped, without storing any RNG state.
+
+A time budget (`time_budget`, minutes) replaces `epochs`: the trainer times a few steps on
+a copy of itself, then fixes the number of epochs, and so the learning-rate schedule, for
+the whole run; a resumed run keeps that plan. With `ema`, validation and the final model
+use an exponential moving average of the weights (WeightEMA).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +41,15 @@ from cifarlab.models import get_model_spec
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 CHECKPOINT_KEY = "cifarlab-checkpoint"
+# The EMA folds in the weights every EMA_EVERY steps (and at each epoch's end). Its horizon
+# is 1/(1 - decay) steps, 100+ for any useful decay, and the weights barely move in 5 steps,
+# so the average is practically the same as with per-step updates, while its memory
+# traffic (two reads and a write of every weight) drops to a fifth: on a GPU, where an
+# airbench step takes milliseconds, a full pass over the weights every step would show.
+EMA_EVERY = 5
+# Planned epochs are costed 5% above the measurement: the progress bar, the history file
+# and timing noise are not in it.
+PLAN_MARGIN = 1.05
 
 
 @dataclass
@@ -60,6 +76,9 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast: "auto" (on with CUDA), "on", "off"
     max_train_images: int | None = None  # a stratified subset, for quick experiments and tests
+    time_budget: float | None = None  # minutes; the trainer plans `epochs` to fit (see plan_epochs)
+    ema: float | None = None  # decay of the weight average used for validation and the final model
+    plan: dict[str, float] | None = None  # the measurements behind a time budget's epochs
 
     def validate(self) -> None:
         """Refuse bad settings before any data is loaded or time is spent."""
@@ -76,6 +95,12 @@ class TrainConfig:
             (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.amp in ("auto", "on", "off"), f"--amp must be auto, on or off, got {self.amp!r}"),
+            (self.time_budget is None or self.time_budget > 0,
+             f"--time-budget must be positive (minutes), got {self.time_budget}"),
+            # A planned run (resumed from its checkpoint) carries both, the epochs from the plan.
+            (self.epochs is None or self.time_budget is None or self.plan is not None,
+             "--epochs and --time-budget exclude each other: the budget decides the number of epochs"),
+            (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), e.g. 0.999, got {self.ema}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,6 +112,8 @@ class TrainConfig:
         if model == "auto":
             model = "airbench" if device.type == "cuda" else "airbench-small"
         recipe = {"momentum": 0.9, "nesterov": False, **get_model_spec(model).recipe}
+        if self.time_budget is not None:
+            recipe.pop("epochs", None)  # left None: the trainer plans it from the budget
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in values.items():
             if value is None and key in recipe:
@@ -125,6 +152,64 @@ def lr_at(progress: float, peak: float, schedule: str) -> float:
     raise CifarlabError(f"unknown schedule {schedule!r}; expected onecycle, cosine or constant")
 
 
+def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
+    """How many epochs of `epoch_s` seconds fit in `budget_s` after `fixed_s` of one-off costs."""
+    epochs = math.floor((budget_s - fixed_s) / epoch_s)
+    if epochs < 1:
+        needed_min = math.ceil((fixed_s + epoch_s) / 6) / 10  # rounded up to 0.1 minute
+        raise CifarlabError(
+            f"a {budget_s / 60:g}-minute budget does not fit one epoch: an epoch takes {epoch_s:.1f} s "
+            f"here, plus {fixed_s:.1f} s of one-off costs (measuring, the final test evaluation). "
+            f"Use --time-budget {needed_min:g} or more, or fewer images (--max-train-images)."
+        )
+    return epochs
+
+
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    """Wall seconds of fn(), waiting for queued GPU work on both sides."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+class WeightEMA:
+    """A debiased exponential moving average of a model's weights, held in a second model.
+
+    BatchNorm running statistics are averaged like the weights (as timm's ModelEmaV2 does),
+    not copied: the live statistics describe the live weights' activations, while averages
+    over the same horizon as the weights approximately describe the averaged weights'.
+    Recomputing them with a pass over the training data would be exact but costs an epoch's
+    forward passes. Integer buffers (BatchNorm's batch counter) are copied.
+    """
+
+    def __init__(self, model: Classifier, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        # state_dict tensors share storage with the parameters, so these lists stay live.
+        live, average = model.state_dict(), self.model.state_dict()
+        floats = [k for k, v in live.items() if v.is_floating_point()]
+        ints = [k for k in live if k not in floats]
+        self._live, self._average = [live[k] for k in floats], [average[k] for k in floats]
+        self._live_ints, self._average_ints = [live[k] for k in ints], [average[k] for k in ints]
+
+    @torch.no_grad()
+    def update(self, steps: int, total_steps: int) -> None:
+        """Fold in the live weights after `steps` more steps, `total_steps` in all.
+
+        The weight (1 - d^steps) / (1 - d^total) makes the result the decay-weighted mean of
+        the weights seen so far, without the initial weights' bias (the first update copies);
+        it depends only on the step count, so a resumed run averages exactly the same way.
+        """
+        weight = (1 - self.decay ** steps) / (1 - self.decay ** total_steps)
+        torch._foreach_lerp_(self._average, self._live, weight)
+        if self._live_ints:  # _foreach ops refuse empty lists
+            torch._foreach_copy_(self._average_ints, self._live_ints)
+
+
 def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -148,6 +233,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, dataset: Dataset, run_dir: Path | None = None,
                  progress: bool = True):
+        self.started = time.perf_counter()  # a time budget counts from here
         cfg.validate()
         self.device = pick_device(cfg.device)
         self.cfg = cfg.resolved(self.device)
@@ -167,8 +253,11 @@ class Trainer:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.ema = WeightEMA(self.model, self.cfg.ema) if self.cfg.ema is not None else None
         self.history: list[dict[str, Any]] = []
         self.steps_per_epoch = math.ceil(len(self.train_y) / self.cfg.batch_size)
+        if self.cfg.epochs is None:  # a time budget without a plan yet
+            self.cfg = self.plan_schedule()
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.ascontiguousarray(x)).to(self.device),
@@ -181,9 +270,60 @@ class Trainer:
             train_stats=input_statistics(train_x), image_size=tuple(train_x.shape[1:3]),
             coarse_classes=ds.coarse_classes, coarse_of_fine=ds.coarse_of_fine,
             dataset={"name": ds.name, "source": ds.source, "spec": dataset_spec(cfg.data)},
-            split=split_info(ds, cfg.val_fraction, cfg.seed),
-            recipe=asdict(cfg), cifarlab_version=__version__,
+            split=split_info(ds, cfg.val_fraction, cfg.seed), cifarlab_version=__version__,
         )
+
+    @property
+    def eval_model(self) -> Classifier:
+        """The weights that are validated and saved: the average with EMA, else the live ones."""
+        return self.ema.model if self.ema is not None else self.model
+
+    # ---- time budget ----------------------------------------------------------------------
+    def plan_schedule(self) -> TrainConfig:
+        """The config with `epochs` chosen to fit the time budget, from measured step costs."""
+        step_s, image_s, checkpoint_s = self.measure()
+        epoch_s = PLAN_MARGIN * (self.steps_per_epoch * step_s + len(self.val_y) * image_s + checkpoint_s)
+        # Time spent so far, plus room for `cifarlab evaluate --tta` on the test split
+        # afterwards (two forward passes per image).
+        fixed_s = time.perf_counter() - self.started + 2 * len(self.dataset.test_y) * image_s
+        epochs = plan_epochs(60 * self.cfg.time_budget, epoch_s, fixed_s)
+        if self.progress:
+            tqdm.write(f"planned {epochs} epochs: {epoch_s:.1f} s/epoch measured, "
+                       f"{self.cfg.time_budget:g} min budget")
+        plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3)}
+        return replace(self.cfg, epochs=epochs, plan=plan)
+
+    def measure(self) -> tuple[float, float, float]:
+        """Seconds per training step (EMA included), per validated image and per checkpoint.
+
+        Timed on a copy with its own model, optimizer and EMA, so the run itself starts from
+        untouched state; the global RNG the copy draws from is reseeded by every epoch.
+        """
+        cfg = self.cfg
+        probe = copy.copy(self)  # shares the data tensors
+        probe.model = copy.deepcopy(self.model)
+        probe.optimizer = make_optimizer(probe.model, cfg)
+        probe.ema = WeightEMA(probe.model, cfg.ema) if cfg.ema is not None else None
+        probe.val_x, probe.val_y = self.train_x[:1000], self.train_y[:1000]  # the val split may be empty
+        images, labels = self.train_x[:cfg.batch_size], self.train_y[:cfg.batch_size]
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        def steps(n: int) -> None:
+            for _ in range(n):
+                probe.train_step(random_translate_flip(images, cfg.translate, cfg.flip, cfg.fill, gen),
+                                 labels, cfg.lr)
+            if probe.ema is not None:
+                probe.ema.update(n, n)
+
+        probe.model.train()
+        steps(1)  # warm-up: lazy initialisation and first-call allocations are not per-step costs
+        step_s = timed(self.device, lambda: steps(EMA_EVERY)) / EMA_EVERY
+        probe.evaluate_val()  # warm-up of the eval-mode kernels
+        image_s = timed(self.device, probe.evaluate_val) / len(probe.val_y)
+        with tempfile.TemporaryDirectory() as tmp:  # the run folder is only made by fit()
+            probe.run_dir = Path(tmp)
+            checkpoint_s = timed(self.device, probe.save_checkpoint)
+        return step_s, image_s, checkpoint_s
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -207,6 +347,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
         order = torch.randperm(len(self.train_y), generator=gen).to(self.device)
+        ema, last_step, steps_before = self.ema, self.steps_per_epoch - 1, (epoch - 1) * self.steps_per_epoch
         model.train()
         start, seen = time.perf_counter(), 0
         # Sums stay on the device: reading a number back every step would stall a GPU.
@@ -218,9 +359,11 @@ class Trainer:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             images = random_translate_flip(self.train_x[idx], cfg.translate, cfg.flip, cfg.fill, gen)
             labels = self.train_y[idx]
-            lr = lr_at(((epoch - 1) * self.steps_per_epoch + step) / (cfg.epochs * self.steps_per_epoch),
-                       cfg.lr, cfg.schedule)
+            lr = lr_at((steps_before + step) / (cfg.epochs * self.steps_per_epoch), cfg.lr, cfg.schedule)
             loss, batch_correct = self.train_step(images, labels, lr)
+            # Updating at each epoch's end too keeps the checkpointed EMA current and resumable.
+            if ema is not None and ((step + 1) % EMA_EVERY == 0 or step == last_step):
+                ema.update(step % EMA_EVERY + 1, steps_before + step + 1)
             seen += len(labels)
             loss_sum += loss.detach() * len(labels)
             correct += batch_correct
@@ -246,12 +389,12 @@ class Trainer:
     def evaluate_val(self, batch_size: int = 1000) -> dict[str, Any]:
         if len(self.val_y) == 0:
             return {"val_loss": None, "val_acc": None}
-        self.model.eval()
+        model = self.eval_model.eval()
         loss_sum, correct = 0.0, 0
         for i in range(0, len(self.val_y), batch_size):
             images, labels = self.val_x[i:i + batch_size], self.val_y[i:i + batch_size]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.model(images).float()
+                logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(1) == labels).sum())
         return {"val_loss": loss_sum / len(self.val_y), "val_acc": correct / len(self.val_y)}
@@ -268,6 +411,9 @@ class Trainer:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         opt_tensors, opt_rest = split_optimizer_state(self.optimizer.state_dict())
         tensors.update(opt_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v.detach().cpu().contiguous()
+                            for k, v in self.ema.model.state_dict().items()})
         state = {"config": asdict(self.cfg), "history": self.history, "optimizer": opt_rest}
         return atomic_save_safetensors(tensors, {CHECKPOINT_KEY: json.dumps(state)},
                                        self.run_dir / "checkpoint.safetensors")
@@ -279,16 +425,18 @@ class Trainer:
         state = json.loads(metadata[CHECKPOINT_KEY])
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.optimizer.load_state_dict(join_optimizer_state(tensors, state["optimizer"]))
+        if self.ema is not None:
+            self.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         self.history = state["history"]
 
     def finish(self) -> TrainResult:
         last = self.history[-1] if self.history else {}
-        self.model.meta["metrics"] = {k: last.get(k) for k in
-                                      ("train_loss", "train_acc", "val_loss", "val_acc")}
-        self.model.meta["metrics"].update(epochs=len(self.history),
-                                          train_seconds=sum(r["seconds"] for r in self.history))
-        self.model.meta["created"] = datetime.now().isoformat(timespec="seconds")
-        model = self.model.to(memory_format=torch.contiguous_format).eval()
+        model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
+        meta = model.meta
+        meta["recipe"] = asdict(self.cfg)  # here, not at init: a time budget's plan comes later
+        meta["metrics"] = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        meta["metrics"].update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history))
+        meta["created"] = datetime.now().isoformat(timespec="seconds")
         path = save_model(model, self.run_dir / "model.safetensors")
         return TrainResult(model, self.run_dir, path, self.history)
 

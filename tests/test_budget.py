@@ -1,0 +1,125 @@
+"""Fast training: a time budget that plans the epochs, and test-time augmentation.
+
+Timings are measured for real but never asserted tightly: the machine may be busy.
+"""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError
+from cifarlab.evaluation import evaluate, predict_logits_tta
+from cifarlab.modelfile import load_model
+from cifarlab.training import Trainer, TrainConfig, plan_epochs, resume, train
+from synthetic import synthetic_dataset
+
+# One step of 32 images per epoch: the planned runs stay short however many epochs fit.
+TINY = dict(model="airbench-small", batch_size=32, lr=0.2, seed=0, device="cpu")
+
+
+def tiny_dataset():
+    return synthetic_dataset(n_train_per_class=10, n_test_per_class=5)
+
+
+def test_plan_epochs_splits_the_budget_after_fixed_costs():
+    assert plan_epochs(600, 23.1, 10) == 25  # (600 - 10) / 23.1 = 25.5
+    assert plan_epochs(100, 10, 0) == 10
+    assert plan_epochs(100, 30, 40) == 2  # 60 s left: 2 whole epochs, not 2.4
+
+
+def test_plan_epochs_gives_at_least_one_epoch_or_says_what_would_fit():
+    assert plan_epochs(60, 45, 10) == 1
+    with pytest.raises(CifarlabError, match=r"an epoch takes 50\.0 s.*--time-budget 1\.1 or more"):
+        plan_epochs(60, 50, 15)  # 65 s needed: 1.1 minutes, rounded up
+    with pytest.raises(CifarlabError, match="does not fit one epoch"):
+        plan_epochs(60, 10, 70)  # the fixed costs alone exceed the budget
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (dict(epochs=3, time_budget=1.0), "exclude each other"),
+    (dict(time_budget=0.0), "--time-budget must be positive"),
+])
+def test_bad_budgets_are_refused(cfg, message):
+    with pytest.raises(CifarlabError, match=message):
+        TrainConfig(**cfg).validate()
+
+
+def test_cli_refuses_epochs_with_a_time_budget(capsys):
+    assert main(["train", "--epochs", "2", "--time-budget", "1"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_a_budgeted_run_fits_and_records_its_plan(tmp_path, monkeypatch):
+    budget_min = 0.2  # 12 s: room for a busy machine, where the one-off costs alone took 10 s
+    start = time.perf_counter()
+    result = train(TrainConfig(**TINY, time_budget=budget_min), dataset=tiny_dataset(),
+                   run_dir=tmp_path / "run", progress=False)
+    assert time.perf_counter() - start < 2 * 60 * budget_min
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    recipe = load_model(result.model_path).meta["recipe"]
+    epochs = len(result.history)
+    assert epochs >= 1 and config["epochs"] == recipe["epochs"] == epochs
+    assert config["time_budget"] == budget_min and recipe["plan"] == config["plan"]
+    assert config["plan"]["epoch_seconds"] > 0 and config["plan"]["fixed_seconds"] > 0
+    # Resuming keeps the plan rather than measuring again on a possibly different machine.
+    monkeypatch.setattr(Trainer, "measure", lambda self: pytest.fail("resume re-planned"))
+    resumed = resume(tmp_path / "run", dataset=tiny_dataset(), progress=False)
+    assert resumed.model.meta["recipe"]["epochs"] == epochs and len(resumed.history) == epochs
+
+
+def test_measuring_leaves_the_run_untouched(tmp_path):
+    ds = tiny_dataset()
+    plain = train(TrainConfig(**TINY, epochs=1), dataset=ds, run_dir=tmp_path / "plain", progress=False)
+    trainer = Trainer(TrainConfig(**TINY, epochs=1), ds, tmp_path / "measured", progress=False)
+    assert all(seconds > 0 for seconds in trainer.measure())
+    measured = trainer.fit()
+    a, b = plain.model.state_dict(), measured.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- test-time augmentation ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    ds = synthetic_dataset(n_train_per_class=20)  # 8 steps of 8 images learn the colours
+    run = tmp_path_factory.mktemp("tta") / "run"
+    return train(TrainConfig(**dict(TINY, batch_size=8, epochs=2)), dataset=ds, run_dir=run, progress=False), ds
+
+
+def test_tta_of_mirror_symmetric_images_equals_plain_logits(trained):
+    model = trained[0].model
+    half = np.random.default_rng(0).integers(0, 256, size=(8, 32, 16, 3), dtype=np.uint8)
+    symmetric = np.concatenate([half, half[:, :, ::-1]], axis=2)
+    np.testing.assert_array_equal(predict_logits_tta(model, symmetric, "flip"), model.predict_logits(symmetric))
+
+
+def test_tta_views_are_averaged(trained):
+    model, images = trained[0].model, trained[1].test_x[:16]
+    expected = (model.predict_logits(images) + model.predict_logits(images[:, :, ::-1])) / 2
+    np.testing.assert_allclose(predict_logits_tta(model, images, "flip"), expected, rtol=1e-5, atol=1e-6)
+    assert predict_logits_tta(model, images, "flip+translate").shape == expected.shape
+
+
+@pytest.mark.parametrize("tta", ["flip", "flip+translate"])
+def test_tta_does_not_lose_accuracy_and_is_recorded(trained, tta, tmp_path):
+    result, ds = trained
+    plain = evaluate(result.model, data=ds, out_dir=tmp_path / "plain", progress=False)
+    report = evaluate(result.model, data=ds, out_dir=tmp_path / "tta", progress=False, tta=tta)
+    assert report["accuracy"] >= plain["accuracy"] - 0.02
+    assert json.loads((tmp_path / "tta" / "metrics.json").read_text())["tta"] == tta
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["tta"] is None
+
+
+def test_cli_evaluate_tta(trained, tmp_path, monkeypatch, capsys):
+    result, ds = trained
+    # The model file names the in-memory dataset "cifar100"; hand the CLI the synthetic one.
+    monkeypatch.setattr("cifarlab.data.load_dataset", lambda *args, **kwargs: ds)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(result.model_path), "--data", "synthetic", "--tta", "flip", "--out", str(out),
+                 "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["tta"] == "flip"
+    assert "test-time augmentation: flip" in capsys.readouterr().out
