@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from cifarlab import __version__
 from cifarlab.augment import random_translate_flip
-from cifarlab.data import Dataset, get_split, load_dataset, split_info
+from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.modelfile import (Classifier, atomic_save_safetensors, build_classifier,
                                 input_statistics, make_meta, read_safetensors, save_model)
@@ -223,7 +223,6 @@ def subsample(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[n
     """A class-balanced subset of n images (all of them when n is None or too large)."""
     if n is None or n >= len(y):
         return x, y
-    from cifarlab.data import split_indices
     _, keep = split_indices(y, val_fraction=n / len(y), seed=seed + 1)
     return x[keep], y[keep]
 
@@ -418,11 +417,8 @@ class Trainer:
         return atomic_save_safetensors(tensors, {CHECKPOINT_KEY: json.dumps(state)},
                                        self.run_dir / "checkpoint.safetensors")
 
-    def load_checkpoint(self, path: Path) -> None:
-        tensors, metadata = read_safetensors(path)
-        if CHECKPOINT_KEY not in metadata:
-            raise ModelFileError(f"{path} is not a cifarlab training checkpoint")
-        state = json.loads(metadata[CHECKPOINT_KEY])
+    def load_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Restore weights, optimizer, EMA and history from read_checkpoint's output."""
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.optimizer.load_state_dict(join_optimizer_state(tensors, state["optimizer"]))
         if self.ema is not None:
@@ -501,14 +497,19 @@ def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int |
     """Continue an interrupted run from its last checkpoint (optionally to more epochs)."""
     run_dir = Path(run_dir)
     checkpoint = run_dir / "checkpoint.safetensors" if run_dir.is_dir() else run_dir
-    run_dir = checkpoint.parent
-    _, metadata = read_safetensors(checkpoint)
-    if CHECKPOINT_KEY not in metadata:
-        raise ModelFileError(f"{checkpoint} is not a cifarlab training checkpoint")
-    cfg = TrainConfig(**json.loads(metadata[CHECKPOINT_KEY])["config"])
+    tensors, state = read_checkpoint(checkpoint)
+    cfg = TrainConfig(**state["config"])
     if epochs is not None:
         cfg.epochs = epochs
     dataset = dataset if dataset is not None else load_dataset(cfg.data, progress=progress)
-    trainer = Trainer(cfg, dataset, run_dir, progress)
-    trainer.load_checkpoint(checkpoint)
+    trainer = Trainer(cfg, dataset, checkpoint.parent, progress)
+    trainer.load_checkpoint(tensors, state)
     return trainer.fit()
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the JSON state (config, history, optimizer) of a checkpoint file."""
+    tensors, metadata = read_safetensors(path)
+    if CHECKPOINT_KEY not in metadata:
+        raise ModelFileError(f"{path} is not a cifarlab training checkpoint")
+    return tensors, json.loads(metadata[CHECKPOINT_KEY])

@@ -68,7 +68,8 @@ def as_labels(labels: np.ndarray, num_classes: int | None = None) -> tuple[np.nd
         labels = labels[:, 0]
     if labels.ndim != 1:
         raise InputError(f"labels must be a 1-D array of class ids (or one-hot rows); got shape {labels.shape}")
-    if labels.size and not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+    if not np.issubdtype(labels.dtype, np.number) or not np.all(np.isfinite(labels)) \
+            or np.any(labels != np.round(labels)):
         raise InputError("labels must be whole-number class ids; got fractional or NaN values")
     labels = labels.astype(np.int64)
     if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
