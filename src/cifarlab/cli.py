@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -157,6 +158,8 @@ def run_train(args) -> int:
         pick_device(cfg.device)
         dataset = load_dataset(args.data, verify=not args.no_verify, progress=progress)
         result = train(cfg, dataset=dataset, run_dir=args.out, progress=progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
+        return 0
     metrics = result.model.meta["metrics"]
     print(f"trained {metrics['epochs']} epochs in {metrics['train_seconds']:.0f}s; "
           + (f"val accuracy {metrics['val_acc']:.1%}" if metrics.get("val_acc") is not None else "no val split"))

@@ -11,6 +11,9 @@ A time budget (`time_budget`, minutes) replaces `epochs`: the trainer times a fe
 a copy of itself, then fixes the number of epochs, and so the learning-rate schedule, for
 the whole run; a resumed run keeps that plan. With `ema`, validation and the final model
 use an exponential moving average of the weights (WeightEMA).
+
+Under torchrun (WORLD_SIZE > 1, see cifarlab.distributed) every process trains its shard of
+each epoch's permutation through DistributedDataParallel; only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cifarlab import __version__
+from cifarlab import __version__, distributed
 from cifarlab.augment import random_translate_flip
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError
@@ -234,11 +237,13 @@ class Trainer:
                  progress: bool = True):
         self.started = time.perf_counter()  # a time budget counts from here
         cfg.validate()
-        self.device = pick_device(cfg.device)
+        # Under torchrun (WORLD_SIZE > 1): join the process group, cuda:LOCAL_RANK on GPUs.
+        self.device, self.rank, self.world_size = distributed.setup(pick_device(cfg.device))
         self.cfg = cfg.resolved(self.device)
         self.dataset = dataset
-        self.run_dir = Path(run_dir) if run_dir else default_run_dir(self.cfg, dataset)
-        self.progress = progress
+        # Rank 0's default run folder on every rank (the timestamps could differ).
+        self.run_dir = Path(run_dir) if run_dir else distributed.broadcast_object(default_run_dir(self.cfg, dataset))
+        self.progress = progress and distributed.is_main()
         self.amp = self.cfg.amp == "on" or (self.cfg.amp == "auto" and self.device.type == "cuda")
 
         train_x, train_y = get_split(dataset, "train", cfg.val_fraction, cfg.seed)
@@ -253,10 +258,27 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.ema = WeightEMA(self.model, self.cfg.ema) if self.cfg.ema is not None else None
+        # Training forward/backward go through train_model: with several processes, a
+        # DistributedDataParallel wrapper (gradients averaged across ranks; BatchNorm buffers
+        # broadcast from rank 0, broadcast_buffers=True); else the model itself. self.model
+        # stays the plain Classifier for evaluation, EMA and saving.
+        self.train_model: torch.nn.Module = self.model
+        if self.world_size > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.history: list[dict[str, Any]] = []
-        self.steps_per_epoch = math.ceil(len(self.train_y) / self.cfg.batch_size)
+        # Batch size per process: the configured (global) batch split over the ranks, so the
+        # optimizer sees the same batch size as a single-process run and the recipe's lr fits.
+        self.batch_size = self.cfg.batch_size // self.world_size
+        if self.batch_size < 1:
+            raise CifarlabError(f"--batch-size {self.cfg.batch_size} is smaller than the "
+                                f"{self.world_size} processes; it is the global batch, split over them")
+        shard_size = len(distributed.shard(torch.arange(len(self.train_y)), self.rank, self.world_size))
+        self.steps_per_epoch = math.ceil(shard_size / self.batch_size)
         if self.cfg.epochs is None:  # a time budget without a plan yet
-            self.cfg = self.plan_schedule()
+            # Rank 0 measures (on its own, without the gradient exchange) and every rank
+            # follows its plan, so all of them run the same epochs and learning rates.
+            self.cfg = distributed.broadcast_object(self.plan_schedule() if distributed.is_main() else None)
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.ascontiguousarray(x)).to(self.device),
@@ -301,10 +323,11 @@ class Trainer:
         cfg = self.cfg
         probe = copy.copy(self)  # shares the data tensors
         probe.model = copy.deepcopy(self.model)
+        probe.train_model = probe.model  # no DDP: a collective call on rank 0 alone would hang
         probe.optimizer = make_optimizer(probe.model, cfg)
         probe.ema = WeightEMA(probe.model, cfg.ema) if cfg.ema is not None else None
         probe.val_x, probe.val_y = self.train_x[:1000], self.train_y[:1000]  # the val split may be empty
-        images, labels = self.train_x[:cfg.batch_size], self.train_y[:cfg.batch_size]
+        images, labels = self.train_x[:self.batch_size], self.train_y[:self.batch_size]
         gen = torch.Generator().manual_seed(cfg.seed)
 
         def steps(n: int) -> None:
@@ -326,8 +349,11 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        # Every rank trains and validates; only rank 0 writes files (and prints).
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         if self.progress:
             tqdm.write(f"run folder: {self.run_dir}  ({self.cfg.model} on {self.device}, "
                        f"{len(self.train_y):,} training images, {len(self.val_y):,} validation)")
@@ -335,27 +361,38 @@ class Trainer:
             row = self.train_epoch(epoch)
             row.update(self.evaluate_val())
             self.history.append(row)
-            self.write_history()
-            self.save_checkpoint()
+            if main:
+                self.write_history()
+                self.save_checkpoint()
             if self.progress:
                 tqdm.write(format_row(row, self.cfg.epochs))
-        return self.finish()
+        result = self.finish()
+        distributed.barrier()  # no rank returns before rank 0 has written the model
+        return result
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout
-        order = torch.randperm(len(self.train_y), generator=gen).to(self.device)
+        order = torch.randperm(len(self.train_y), generator=gen)
+        if self.world_size > 1:
+            # The same permutation on every rank, each taking its shard of it; augmentation
+            # and dropout then draw from a seed of the rank's own.
+            order = distributed.shard(order, self.rank, self.world_size)
+            gen.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + epoch, self.rank))
+            torch.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + epoch, self.rank))
+        order = order.to(self.device)
         ema, last_step, steps_before = self.ema, self.steps_per_epoch - 1, (epoch - 1) * self.steps_per_epoch
         model.train()
         start, seen = time.perf_counter(), 0
         # Sums stay on the device: reading a number back every step would stall a GPU.
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        batch_size = self.batch_size
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not self.progress, leave=False, unit="batch")
         for step in bar:
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * batch_size:(step + 1) * batch_size]
             images = random_translate_flip(self.train_x[idx], cfg.translate, cfg.flip, cfg.fill, gen)
             labels = self.train_y[idx]
             lr = lr_at((steps_before + step) / (cfg.epochs * self.steps_per_epoch), cfg.lr, cfg.schedule)
@@ -369,6 +406,10 @@ class Trainer:
             if self.progress and (step % 10 == 0 or step == self.steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if self.world_size > 1:  # the history holds all ranks' images: once an epoch, cheap
+            totals = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum([totals])
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         return {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                 "lr": lr, "seconds": time.perf_counter() - start}
 
@@ -377,7 +418,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.model(images)
+            logits = self.train_model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -433,7 +474,9 @@ class Trainer:
         meta["metrics"] = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         meta["metrics"].update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history))
         meta["created"] = datetime.now().isoformat(timespec="seconds")
-        path = save_model(model, self.run_dir / "model.safetensors")
+        path = self.run_dir / "model.safetensors"
+        if distributed.is_main():  # the other ranks return the same model, unsaved
+            path = save_model(model, path)
         return TrainResult(model, self.run_dir, path, self.history)
 
 
@@ -489,7 +532,10 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None, run_dir: str | Pa
           progress: bool = True) -> TrainResult:
     """Train a model as configured; returns the trained Classifier and where it was written."""
     dataset = dataset if dataset is not None else load_dataset(cfg.data, progress=progress)
-    return Trainer(cfg, dataset, run_dir, progress).fit()
+    try:
+        return Trainer(cfg, dataset, run_dir, progress).fit()
+    finally:
+        distributed.teardown()  # a no-op without torchrun
 
 
 def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int | None = None,
@@ -502,9 +548,12 @@ def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int |
     if epochs is not None:
         cfg.epochs = epochs
     dataset = dataset if dataset is not None else load_dataset(cfg.data, progress=progress)
-    trainer = Trainer(cfg, dataset, checkpoint.parent, progress)
-    trainer.load_checkpoint(tensors, state)
-    return trainer.fit()
+    try:  # with torchrun, every rank reads the checkpoint (read-only)
+        trainer = Trainer(cfg, dataset, checkpoint.parent, progress)
+        trainer.load_checkpoint(tensors, state)
+        return trainer.fit()
+    finally:
+        distributed.teardown()  # a no-op without torchrun
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
