@@ -96,3 +96,19 @@ def test_missing_onnx_package_says_how_to_install(trained, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "onnx", None)  # what an environment without it looks like
     with pytest.raises(CifarlabError, match=r"pip install 'cifarlab\[onnx\]'"):
         export_onnx(trained.model, tmp_path / "m.onnx")
+
+
+def test_cli_export_both_variants(trained, tmp_path):
+    import subprocess
+
+    for flag, dtype in (([], np.uint8), (["--onnx-float"], np.float32)):
+        out = tmp_path / f"model-{dtype.__name__}.onnx"
+        proc = subprocess.run([sys.executable, "-m", "cifarlab", "export", str(trained.model_path),
+                               "--onnx", str(out), *flag], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "max abs logit difference" in proc.stdout and out.is_file()
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].type == ("tensor(uint8)" if dtype is np.uint8 else "tensor(float)")
+    missing = subprocess.run([sys.executable, "-m", "cifarlab", "export", str(tmp_path / "nope.safetensors"),
+                              "--onnx", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(commands)
     add_predict_command(commands)
     add_diagnose_command(commands)
+    add_export_command(commands)
     commands.add_parser("models", help="list the model architectures").set_defaults(run=run_models)
     return parser
 
@@ -123,6 +124,16 @@ def add_diagnose_command(commands) -> None:
     p.set_defaults(run=run_diagnose)
 
 
+def add_export_command(commands) -> None:
+    p = commands.add_parser("export", help="write an ONNX file with the preprocessing inside")
+    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`")
+    p.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="the .onnx file to write")
+    p.add_argument("--onnx-float", action="store_true",
+                   help="float NHWC input, preprocessed by the caller as the metadata says "
+                        "(for runtimes without uint8 inputs); default: raw uint8 NHWC 0..255")
+    p.set_defaults(run=run_export)
+
+
 # ---- command bodies -------------------------------------------------------------------------
 
 def run_data(args) -> int:
@@ -210,6 +221,15 @@ def run_diagnose(args) -> int:
     if args.plot and not args.json:
         print(f"\nplots in {args.plot}")
     return diagnosis.exit_code
+
+
+def run_export(args) -> int:
+    from cifarlab.export import export_onnx
+
+    info = export_onnx(args.model, args.onnx, input="float" if args.onnx_float else "uint8")
+    print(f"wrote {info['path']} ({info['input']} NHWC input); onnxruntime vs PyTorch: "
+          f"max abs logit difference {info['max_abs_diff']:.2e}")
+    return 0
 
 
 def run_models(args) -> int:
