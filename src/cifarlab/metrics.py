@@ -27,11 +27,18 @@ __all__ = [
     "coarse_confusion",
     "classification_report",
     "format_report",
+    # Input validators, shared with plots and the diagnosis so every entry point refuses
+    # bad arrays with the same messages.
+    "as_class_ids",
+    "as_count_matrix",
+    "as_probabilities",
+    "check_class_names",
+    "check_num_classes",
 ]
 
 # Softmax outputs in float16/float32 do not sum to exactly 1; this is loose enough
 # for those and still catches logits or unnormalised scores passed by mistake.
-_PROB_SUM_TOLERANCE = 1e-2
+PROB_SUM_TOLERANCE = 1e-2
 
 
 # --------------------------------------------------------------------------- #
@@ -51,7 +58,7 @@ def _is_real_number_dtype(dtype: np.dtype) -> bool:
     return dtype != bool and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
 
 
-def _check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
+def check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise InputError(f"{name} must be an int, got {type(num_classes).__name__} {num_classes!r}.")
     if num_classes < 1:
@@ -59,7 +66,7 @@ def _check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
     return int(num_classes)
 
 
-def _as_labels(labels: Any, num_classes: int, name: str) -> np.ndarray:
+def as_class_ids(labels: Any, num_classes: int, name: str) -> np.ndarray:
     """Return ``labels`` as a 1-D int64 array of class ids in [0, num_classes).
 
     Float arrays are accepted when every value is a whole number, because labels
@@ -94,7 +101,7 @@ def _as_labels(labels: Any, num_classes: int, name: str) -> np.ndarray:
     return arr
 
 
-def _as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
+def as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
     """Return ``cm`` as a square int64 matrix of non-negative counts (>= 2 classes)."""
     arr = np.asarray(cm)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
@@ -115,7 +122,7 @@ def _as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _as_probs(probs: Any, num_samples: int | None = None) -> np.ndarray:
+def as_probabilities(probs: Any, num_samples: int | None = None) -> np.ndarray:
     """Return ``probs`` as a finite float64 (N, C) array, checking N if given."""
     arr = np.asarray(probs)
     if arr.ndim != 2:
@@ -136,7 +143,7 @@ def _as_probs(probs: Any, num_samples: int | None = None) -> np.ndarray:
     return arr
 
 
-def _check_class_names(class_names: list[str], num_classes: int, name: str = "class_names") -> None:
+def check_class_names(class_names: list[str], num_classes: int, name: str = "class_names") -> None:
     if len(class_names) != num_classes:
         raise InputError(
             f"{name} must have one name per class: expected {num_classes}, got {len(class_names)}."
@@ -159,9 +166,9 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Count (true, predicted) pairs into an int64 (C, C) matrix; row = true, column = predicted."""
-    num_classes = _check_num_classes(num_classes)
-    t = _as_labels(y_true, num_classes, "y_true")
-    p = _as_labels(y_pred, num_classes, "y_pred")
+    num_classes = check_num_classes(num_classes)
+    t = as_class_ids(y_true, num_classes, "y_true")
+    p = as_class_ids(y_pred, num_classes, "y_pred")
     if t.shape != p.shape:
         raise InputError(
             f"y_true and y_pred must have the same length, got {t.size} and {p.size}; "
@@ -178,7 +185,7 @@ def save_confusion_json(cm: np.ndarray, path: Path) -> None:
     This is exactly what ``json.dump(cm.tolist(), f)`` writes, so files are
     interchangeable with existing scripts that use that layout.
     """
-    counts = _as_count_matrix(cm)
+    counts = as_count_matrix(cm)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(counts.tolist()), encoding="utf-8")
@@ -235,9 +242,9 @@ def coarse_confusion(cm: np.ndarray, coarse_of_fine: list[int], num_coarse: int)
 
     The coarse prediction is the superclass of the predicted fine class.
     """
-    counts = _as_count_matrix(cm)
-    num_coarse = _check_num_classes(num_coarse, "num_coarse")
-    mapping = _as_labels(coarse_of_fine, num_coarse, "coarse_of_fine")
+    counts = as_count_matrix(cm)
+    num_coarse = check_num_classes(num_coarse, "num_coarse")
+    mapping = as_class_ids(coarse_of_fine, num_coarse, "coarse_of_fine")
     if mapping.size != counts.shape[0]:
         raise InputError(
             f"coarse_of_fine must give one coarse id per fine class: the matrix has "
@@ -257,7 +264,7 @@ def coarse_confusion(cm: np.ndarray, coarse_of_fine: list[int], num_coarse: int)
 
 def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
     """Precision, recall, F1 (float64) and support (int64) per class; 0 where undefined."""
-    counts = _as_count_matrix(cm)
+    counts = as_count_matrix(cm)
     tp = np.diag(counts)
     predicted = counts.sum(axis=0)
     support = counts.sum(axis=1)
@@ -274,10 +281,10 @@ def top_k_accuracy(probs: np.ndarray, y_true: np.ndarray, k: int) -> float:
     ``top_k_accuracy(probs, y, 1)`` always equals the accuracy of ``probs.argmax(1)``.
     With ``k >= C`` every sample counts as correct (the result is 1.0).
     """
-    k = _check_num_classes(k, "k")
+    k = check_num_classes(k, "k")
     labels = np.asarray(y_true)
-    scores = _as_probs(probs, num_samples=labels.shape[0] if labels.ndim == 1 else None)
-    labels = _as_labels(labels, scores.shape[1], "y_true")
+    scores = as_probabilities(probs, num_samples=labels.shape[0] if labels.ndim == 1 else None)
+    labels = as_class_ids(labels, scores.shape[1], "y_true")
     if labels.size == 0:
         raise InputError("top_k_accuracy needs at least one sample, got 0.")
     true_score = scores[np.arange(labels.size), labels][:, None]
@@ -294,8 +301,8 @@ def most_confused_pairs(cm: np.ndarray, class_names: list[str], k: int = 10) -> 
     where ``rate`` is the count divided by the true class's total. Equal counts are
     ordered by (true_id, predicted_id) so the output is deterministic.
     """
-    counts = _as_count_matrix(cm)
-    _check_class_names(class_names, counts.shape[0])
+    counts = as_count_matrix(cm)
+    check_class_names(class_names, counts.shape[0])
     k = max(0, int(k))
     off = counts.copy()
     np.fill_diagonal(off, 0)
@@ -326,7 +333,7 @@ def _check_is_probability(probs: np.ndarray) -> None:
     if probs.size == 0:
         return
     sums = probs.sum(axis=1)
-    if probs.min() < 0 or probs.max() > 1 or np.abs(sums - 1).max() > _PROB_SUM_TOLERANCE:
+    if probs.min() < 0 or probs.max() > 1 or np.abs(sums - 1).max() > PROB_SUM_TOLERANCE:
         raise InputError(
             "probs must be probabilities (each value in [0, 1], each row summing to 1), got values in "
             f"[{probs.min():.3g}, {probs.max():.3g}] with row sums in [{sums.min():.3g}, {sums.max():.3g}]; "
@@ -361,9 +368,9 @@ def classification_report(
     ``coarse_of_fine`` and ``coarse_names`` are given.
     """
     labels = np.asarray(y_true)
-    scores = _as_probs(probs, num_samples=labels.shape[0] if labels.ndim == 1 else None)
+    scores = as_probabilities(probs, num_samples=labels.shape[0] if labels.ndim == 1 else None)
     num_classes = scores.shape[1]
-    _check_class_names(class_names, num_classes)
+    check_class_names(class_names, num_classes)
     if scores.shape[0] == 0:
         raise InputError("classification_report needs at least one sample, got 0.")
     _check_is_probability(scores)

@@ -22,7 +22,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from cifarlab.errors import InputError
-from cifarlab.metrics import _as_count_matrix
+from cifarlab.metrics import as_count_matrix
 
 __all__ = ["plot_confusion_matrix", "plot_history", "plot_prediction_histogram"]
 
@@ -119,7 +119,7 @@ def plot_confusion_matrix(
     ``highlight_columns`` outlines those predicted classes in red (the "vertical bars"
     of a collapsed model, as marked by the diagnosis). Returns ``path``.
     """
-    counts = _as_count_matrix(cm)
+    counts = as_count_matrix(cm)
     n = counts.shape[0]
     if len(class_names) != n:
         raise InputError(f"class_names must have one name per class: expected {n}, got {len(class_names)}.")

@@ -108,12 +108,12 @@ from scipy.optimize import linear_sum_assignment
 from cifarlab.diagnosis.report import Diagnosis, Finding
 from cifarlab.errors import InputError
 from cifarlab.metrics import (
-    _PROB_SUM_TOLERANCE,
-    _as_count_matrix,
-    _as_labels,
-    _as_probs,
-    _check_class_names,
-    _check_num_classes,
+    PROB_SUM_TOLERANCE,
+    as_count_matrix,
+    as_class_ids,
+    as_probabilities,
+    check_class_names,
+    check_num_classes,
     confusion_matrix,
     per_class_metrics,
 )
@@ -203,8 +203,8 @@ def prediction_stats(y_pred: np.ndarray, num_classes: int, y_true: np.ndarray | 
     with ``y_true`` also true_entropy, accuracy and chance_accuracy (accuracy of
     always predicting the most frequent true class).
     """
-    num_classes = _check_num_classes(num_classes)
-    pred = _as_labels(y_pred, num_classes, "y_pred")
+    num_classes = check_num_classes(num_classes)
+    pred = as_class_ids(y_pred, num_classes, "y_pred")
     if pred.size == 0:
         raise InputError("y_pred is empty; prediction statistics need at least one prediction.")
     pred_counts = np.bincount(pred, minlength=num_classes)
@@ -220,7 +220,7 @@ def prediction_stats(y_pred: np.ndarray, num_classes: int, y_true: np.ndarray | 
 
 
 def _validated_matrix(cm: Any) -> np.ndarray:
-    counts = _as_count_matrix(cm)
+    counts = as_count_matrix(cm)
     if counts.sum() == 0:
         raise InputError(
             f"confusion matrix is all zeros ({counts.shape[0]}x{counts.shape[0]}); expected counts of "
@@ -233,7 +233,7 @@ def _validated_names(class_names: list[str] | None, num_classes: int) -> list[st
     """Names to show; class ids as strings when none are given."""
     if class_names is None:
         return [str(i) for i in range(num_classes)]
-    _check_class_names(list(class_names), num_classes)
+    check_class_names(list(class_names), num_classes)
     return [str(name) for name in class_names]
 
 
@@ -625,8 +625,8 @@ def _labels(y_true: Any, num_classes: int, num_samples: int) -> tuple[np.ndarray
         if arr.shape != (num_samples, num_classes):
             raise InputError(f"one-hot y_true must have shape ({num_samples}, {num_classes}) (samples x classes), "
                              f"got {arr.shape}; or pass one class id per sample.")
-        arr = _as_probs(arr).argmax(axis=1)
-    labels = _as_labels(arr, num_classes, "y_true")
+        arr = as_probabilities(arr).argmax(axis=1)
+    labels = as_class_ids(arr, num_classes, "y_true")
     if labels.size != num_samples:
         raise InputError(f"y_true has {labels.size} labels but y_pred has {num_samples} predictions; "
                          "they must describe the same samples in the same order.")
@@ -635,12 +635,12 @@ def _labels(y_true: Any, num_classes: int, num_samples: int) -> tuple[np.ndarray
 
 def _probabilities(probs: Any, num_classes: int, num_samples: int) -> tuple[np.ndarray, bool]:
     """(N, C) probabilities, softmaxing them when they look like logits; and whether they did."""
-    arr = _as_probs(probs, num_samples=num_samples)
+    arr = as_probabilities(probs, num_samples=num_samples)
     if arr.shape[1] != num_classes:
         raise InputError(f"probs has {arr.shape[1]} columns but num_classes is {num_classes}; "
                          "pass one probability (or logit) per class.")
     sums = arr.sum(axis=1)
-    is_probability = arr.min() >= 0 and arr.max() <= 1 and np.abs(sums - 1).max() <= _PROB_SUM_TOLERANCE
+    is_probability = arr.min() >= 0 and arr.max() <= 1 and np.abs(sums - 1).max() <= PROB_SUM_TOLERANCE
     if is_probability:
         return arr, False
     shifted = np.exp(arr - arr.max(axis=1, keepdims=True))  # subtract the max so exp cannot overflow
@@ -672,7 +672,7 @@ def _confidence_stats(probs: np.ndarray, pred: np.ndarray, labels: np.ndarray | 
 
 
 def _checked_num_classes(num_classes: Any) -> int:
-    num_classes = _check_num_classes(num_classes)
+    num_classes = check_num_classes(num_classes)
     if num_classes < 2:
         raise InputError(f"num_classes must be at least 2 for a classifier, got {num_classes}.")
     return num_classes
@@ -691,7 +691,7 @@ def analyze_predictions(y_pred: np.ndarray, num_classes: int, *, y_true: np.ndar
     the share confidently wrong and the expected calibration error).
     """
     num_classes = _checked_num_classes(num_classes)
-    pred = _as_labels(y_pred, num_classes, "y_pred")
+    pred = as_class_ids(y_pred, num_classes, "y_pred")
     if pred.size == 0:
         raise InputError("y_pred is empty; a diagnosis needs at least one prediction.")
     names = _validated_names(class_names, num_classes)
