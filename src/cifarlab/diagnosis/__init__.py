@@ -162,10 +162,10 @@ def _merge(diagnosis: Diagnosis, finding: Finding) -> None:
         if existing.id != finding.id:
             continue
         strong, weak = sorted([existing, finding], key=lambda f: (order[f.severity], -f.score))
+        # The statistics say what differs, the probe what correcting it achieves: say both.
         if "effect" in weak.evidence and "effect" not in strong.evidence:
-            # The statistics say what differs, the probe what correcting it achieves: say both.
             strong.title = f"{strong.title}; {weak.evidence['effect']}"
-            strong.detail = f"{strong.detail} {weak.detail}"
+        strong.detail = f"{strong.detail} {weak.detail}"
         strong.evidence = {**weak.evidence, **strong.evidence}
         diagnosis.findings[i] = strong
         return
