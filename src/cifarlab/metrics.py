@@ -84,13 +84,8 @@ def as_class_ids(labels: Any, num_classes: int, name: str) -> np.ndarray:
             f"{name} must contain integer class ids, got dtype {arr.dtype}; "
             "convert class names to ids first."
         )
-    if np.issubdtype(arr.dtype, np.floating):
-        bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
-        if bad.size:
-            raise InputError(
-                f"{name} must contain integer class ids, got non-integer values {_preview(bad)}; "
-                "if these are probabilities or scores, take argmax over classes first."
-            )
+    _reject_non_integers(arr, f"{name} must contain integer class ids",
+                         "if these are probabilities or scores, take argmax over classes first.")
     arr = arr.astype(np.int64)
     bad = arr[(arr < 0) | (arr >= num_classes)]
     if bad.size:
@@ -99,6 +94,15 @@ def as_class_ids(labels: Any, num_classes: int, name: str) -> np.ndarray:
             f"{_preview(np.unique(bad))}; check num_classes or the label encoding."
         )
     return arr
+
+
+def _reject_non_integers(arr: np.ndarray, expected: str, hint: str) -> None:
+    """Float arrays are fine when every value is whole (labels and counts often round-trip
+    through float tensors or CSV files); anything else is refused, not truncated."""
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+        if bad.size:
+            raise InputError(f"{expected}, got non-integer values {_preview(bad)}; {hint}")
 
 
 def as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
@@ -110,13 +114,7 @@ def as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
         raise InputError(f"{name} must cover at least 2 classes, got {arr.shape[0]}.")
     if not _is_real_number_dtype(arr.dtype):
         raise InputError(f"{name} must contain integer counts, got dtype {arr.dtype}.")
-    if np.issubdtype(arr.dtype, np.floating):
-        bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
-        if bad.size:
-            raise InputError(
-                f"{name} must contain integer counts, got non-integer values {_preview(bad)}; "
-                "pass raw counts, not a normalised matrix."
-            )
+    _reject_non_integers(arr, f"{name} must contain integer counts", "pass raw counts, not a normalised matrix.")
     if (arr < 0).any():
         raise InputError(f"{name} must contain non-negative counts, got {_preview(arr[arr < 0])}.")
     return arr.astype(np.int64)
