@@ -55,7 +55,8 @@ register_model(ModelSpec(
     recipe=_RECIPE,
 ))
 
-# A quarter of the compute: about 1,250 images/s of training on a 2-core laptop CPU.
+# A quarter of the compute: about 1,200 images/s of training on a 2-core CPU
+# (benchmarks/train_speed.py --skip-curves measured 1,166).
 register_model(ModelSpec(
     name="airbench-small",
     builder=AirbenchNet,
