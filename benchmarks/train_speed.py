@@ -36,9 +36,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from cifarlab import get_split, load_dataset
 from cifarlab.augment import random_translate_flip
+from cifarlab.evaluation import predict_logits_tta
 from cifarlab.modelfile import build_classifier
 from cifarlab.models import get_model_spec
-from cifarlab.training import TrainConfig, Trainer, pick_device
+from cifarlab.training import TrainConfig, Trainer, parameter_groups, pick_device
 
 THRESHOLDS = (0.70, 0.80, 0.90, 0.93)
 SEED_FULL_EPOCHS = get_model_spec("keras-cnn").recipe["epochs"]  # 50, the seed's schedule
@@ -81,8 +82,12 @@ def test_accuracy(model, test_x: np.ndarray, test_y: np.ndarray) -> float:
     return float((model.predict_logits(test_x).argmax(1) == test_y).mean())
 
 
-def accuracy_curve(name: str, cfg: TrainConfig, dataset, out: Path, rows: list[dict]) -> Trainer:
-    """Train epoch by epoch, testing after each one outside the clock; appends to rows."""
+def accuracy_curve(name: str, cfg: TrainConfig, dataset, out: Path, rows: list[dict],
+                   max_minutes: float | None = None) -> Trainer:
+    """Train epoch by epoch, testing after each one outside the clock; appends to rows.
+
+    With max_minutes, stops after the first epoch that ends past that much training time.
+    """
     # fit() is never called, so nothing is written to run_dir: no checkpoints inside the clock.
     trainer = Trainer(cfg, dataset, run_dir=out / name, progress=False)
     test_x, test_y = get_split(dataset, "test")
@@ -99,6 +104,17 @@ def accuracy_curve(name: str, cfg: TrainConfig, dataset, out: Path, rows: list[d
         rows.append({"run": name, "epoch": epoch, "train_seconds": round(clock, 3), "test_acc": round(acc, 5)})
         write_csv(out / "curve.csv", rows)  # after every epoch, so a stopped run keeps its curve
         print(f"  epoch {epoch}/{trainer.cfg.epochs}: {clock:7.1f} s  test acc {acc:.2%}", flush=True)
+        if max_minutes is not None and clock > 60 * max_minutes and epoch < trainer.cfg.epochs:
+            print(f"  stopped: past --seed-minutes {max_minutes:g}", flush=True)
+            break
+    if name == "default":  # the flip+translate test-time augmentation `cifarlab evaluate --tta` offers
+        start = time.perf_counter()
+        logits = predict_logits_tta(trainer.model, test_x, "flip+translate")
+        tta_s = time.perf_counter() - start
+        rows[-1]["tta_test_acc"] = round(float((logits.argmax(1) == test_y).mean()), 5)
+        rows[-1]["tta_seconds"] = round(tta_s, 3)
+        write_csv(out / "curve.csv", rows)
+        print(f"  with flip+translate TTA: test acc {rows[-1]['tta_test_acc']:.2%} ({tta_s:.1f} s)", flush=True)
     return trainer
 
 
@@ -114,14 +130,15 @@ def time_to(rows: list[dict], threshold: float) -> str:
 
 
 def curve_table(runs: list[tuple[str, TrainConfig]], rows: list[dict]) -> list[str]:
-    lines = ["| run | model | recipe | epochs | final test acc | train s | "
+    lines = ["| run | model | recipe | epochs | final test acc | with TTA | train s | "
              + " | ".join(f"to {t:.0%}" for t in THRESHOLDS) + " |",
-             "| --- " * (6 + len(THRESHOLDS)) + "|"]
+             "| --- " * (7 + len(THRESHOLDS)) + "|"]
     for name, cfg in runs:
         mine = [r for r in rows if r["run"] == name]
         recipe = f"{cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.schedule}"
         reached = " | ".join(time_to(mine, t) for t in THRESHOLDS)
-        lines.append(f"| {name} | {cfg.model} | {recipe} | {len(mine)} | {mine[-1]['test_acc']:.1%} | "
+        tta = f"{mine[-1]['tta_test_acc']:.1%}" if "tta_test_acc" in mine[-1] else "-"
+        lines.append(f"| {name} | {cfg.model} | {recipe} | {len(mine)} | {mine[-1]['test_acc']:.1%} | {tta} | "
                      f"{mine[-1]['train_seconds']:.0f} | {reached} |")
     return lines
 
@@ -161,12 +178,13 @@ class HandLoop:
         self.x, self.y = trainer.train_x, trainer.train_y  # the very same tensors on the same device
         torch.manual_seed(cfg.seed)
         # The same Classifier (Preprocess + network) and memory format as the Trainer builds.
-        self.model = build_classifier(trainer.model.meta).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_classifier(trainer.model.meta).to(self.device, memory_format=torch.channels_last)
         self.model.train()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        # The same parameter groups (BatchNorm biases at their own rate), set once: no schedule.
+        self.opt = torch.optim.SGD(parameter_groups(self.model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * group["lr_scale"]
 
     def run(self, steps: int, seed: int) -> None:
         cfg, bs = self.cfg, self.cfg.batch_size
@@ -175,7 +193,7 @@ class HandLoop:
         for step in range(steps):
             idx = order[step * bs:(step + 1) * bs]
             images = random_translate_flip(self.x[idx], cfg.translate, cfg.flip, cfg.fill, gen)
-            # Same precision as the Trainer (bf16 autocast on CUDA), or the comparison is moot.
+            # Same precision as the Trainer (bf16 autocast where it is fast), or the comparison is moot.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 loss = F.cross_entropy(self.model(images), self.y[idx], label_smoothing=cfg.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
@@ -256,12 +274,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def notes(args, runs: list[tuple[str, TrainConfig]]) -> list[str]:
+def notes(args, runs: list[tuple[str, TrainConfig]], rows: list[dict]) -> list[str]:
     lines = []
-    seed_cfg = dict(runs).get("seed")
-    if seed_cfg and seed_cfg.epochs < SEED_FULL_EPOCHS:
-        lines.append(f"- seed: {seed_cfg.epochs} of the seed's {SEED_FULL_EPOCHS} epochs (--seed-epochs). Its "
-                     "learning rate is constant, so these are exactly the first epochs of the full schedule.")
+    seed_epochs = sum(r["run"] == "seed" for r in rows)
+    if "seed" in dict(runs) and seed_epochs < SEED_FULL_EPOCHS:
+        why = f"stopped by --seed-minutes {args.seed_minutes:g}" if args.seed_minutes else "--seed-epochs"
+        lines.append(f"- seed: {seed_epochs} of the seed's {SEED_FULL_EPOCHS} epochs ({why}). Its learning "
+                     "rate is constant, so these are exactly the first epochs of the full schedule.")
     default_cfg = dict(runs).get("default")
     if default_cfg and default_cfg.epochs != get_model_spec(default_cfg.model).recipe["epochs"]:
         lines.append(f"- default: {epochs(default_cfg.epochs)} (--default-epochs), not the recipe's; the one-cycle "
@@ -272,8 +291,12 @@ def notes(args, runs: list[tuple[str, TrainConfig]]) -> list[str]:
     lines.append("- train s: the sum of `Trainer.train_epoch` times only; the test evaluation after each epoch, "
                  "and the validation pass and checkpoint that `cifarlab train` adds, are not counted.")
     if runs:
-        lines.append(f"- both runs train on the training split minus a {runs[0][1].val_fraction:.0%} validation "
-                     "split (TrainConfig's default) and are tested on the full test split after every epoch.")
+        held_out = runs[0][1].val_fraction
+        lines.append("- both runs train on " + (f"the training split minus a {held_out:.0%} validation split"
+                     if held_out else "the whole training split (--val-fraction 0)")
+                     + " and are tested on the full test split after every epoch.")
+        lines.append("- with TTA: the default run's final model under `cifarlab evaluate --tta flip+translate` "
+                     "(6 views per image); its time is in tta_seconds of curve.csv, not in train s.")
     return lines
 
 
@@ -284,6 +307,10 @@ def main() -> None:
     parser.add_argument("--seed-epochs", type=int, default=SEED_FULL_EPOCHS,
                         help=f"epochs of the seed's recipe (its full schedule: {SEED_FULL_EPOCHS})")
     parser.add_argument("--default-epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--seed-minutes", type=float, default=None,
+                        help="stop the seed's run after the epoch that passes this much training time")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="held-out share of the training split (default 0: train on all of it)")
     parser.add_argument("--max-train-images", type=int, default=None, help="for quick checks of the curves")
     parser.add_argument("--skip-curves", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -306,17 +333,19 @@ def main() -> None:
     runs: list[tuple[str, TrainConfig]] = []
     if not args.skip_curves:
         rows: list[dict] = []
-        base = dict(data=args.data, device=args.device, max_train_images=args.max_train_images)
+        base = dict(data=args.data, device=args.device, max_train_images=args.max_train_images,
+                    val_fraction=args.val_fraction)
         for name, cfg in [("seed", TrainConfig(model="keras-cnn", epochs=args.seed_epochs, **base)),
                           ("default", TrainConfig(epochs=args.default_epochs, **base))]:
-            runs.append((name, accuracy_curve(name, cfg, dataset, args.out, rows).cfg))
+            limit = args.seed_minutes if name == "seed" else None
+            runs.append((name, accuracy_curve(name, cfg, dataset, args.out, rows, limit).cfg))
         table = curve_table(runs, rows)
         plot_curves(runs, rows, args.out / "curve.png",
                     f"{dataset.name}: test accuracy against training time — {cpu_model()}, "
                     f"{args.threads} threads" + (f", {torch.cuda.get_device_name(device)}"
                                                  if device.type == "cuda" else ""))
-        summary += ["## Test accuracy against training time", "", *table, "", *notes(args, runs), ""]
-        print("\n" + "\n".join(table + [""] + notes(args, runs)))
+        summary += ["## Test accuracy against training time", "", *table, "", *notes(args, runs, rows), ""]
+        print("\n" + "\n".join(table + [""] + notes(args, runs, rows)))
 
     if not args.skip_throughput:
         rows = measure_throughput(args, dataset)

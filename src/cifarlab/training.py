@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cifarlab import __version__, distributed
-from cifarlab.augment import random_translate_flip
+from cifarlab.augment import alternating_mirror, random_translate_flip
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.modelfile import (Classifier, atomic_save_safetensors, build_classifier,
@@ -50,6 +50,10 @@ CHECKPOINT_KEY = "cifarlab-checkpoint"
 # traffic (two reads and a write of every weight) drops to a fifth: on a GPU, where an
 # airbench step takes milliseconds, a full pass over the weights every step would show.
 EMA_EVERY = 5
+# airbench's lookahead and whitening-bias timing, as fractions of the run: the whitening
+# layer's bias trains for the first 30% of epochs, the lookahead average starts after them.
+WARMUP_FRACTION = 0.3
+LOOKAHEAD_EVERY = 5
 # Planned epochs are costed 5% above the measurement: the progress bar, the history file
 # and timing noise are not in it.
 PLAN_MARGIN = 1.05
@@ -69,15 +73,19 @@ class TrainConfig:
     momentum: float | None = None
     nesterov: bool | None = None
     weight_decay: float | None = None
-    schedule: str | None = None  # "onecycle", "cosine" or "constant"
+    schedule: str | None = None  # "triangle", "onecycle", "cosine" or "constant"
+    bias_lr_scale: float | None = None  # BatchNorm biases train at lr x this (weight decay / this)
+    lookahead: bool | None = None  # pull the weights towards their running average (see Lookahead)
     label_smoothing: float | None = None
     translate: int | None = None  # max shift in pixels
     flip: bool = True
+    alternate_flip: bool | None = None  # mirror each image every other epoch, not at random
     fill: str | None = None  # border fill for shifts: "reflect" or "edge"
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"  # bf16 autocast: "auto" (on with CUDA), "on", "off"
+    amp: str = "auto"  # bf16 autocast: "auto" (on where fast: CUDA, CPUs with native bf16), "on", "off"
+    compile: bool = False  # torch.compile the training step's model (a GPU speed-up; minutes to start)
     max_train_images: int | None = None  # a stratified subset, for quick experiments and tests
     time_budget: float | None = None  # minutes; the trainer plans `epochs` to fit (see plan_epochs)
     ema: float | None = None  # decay of the weight average used for validation and the final model
@@ -92,8 +100,10 @@ class TrainConfig:
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.optimizer in (None, "sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}"),
-            (self.schedule in (None, "onecycle", "cosine", "constant"),
-             f"--schedule must be onecycle, cosine or constant, got {self.schedule!r}"),
+            (self.schedule in (None,) + SCHEDULES,
+             f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.bias_lr_scale is None or self.bias_lr_scale > 0,
+             f"bias_lr_scale must be positive, got {self.bias_lr_scale}"),
             (self.fill in (None, "reflect", "edge"), f"fill must be reflect or edge, got {self.fill!r}"),
             (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
@@ -109,12 +119,16 @@ class TrainConfig:
             if not ok:
                 raise CifarlabError(message)
 
-    def resolved(self, device: torch.device) -> "TrainConfig":
-        """A copy with the model chosen and every None filled from the model's recipe."""
+    def resolved(self, device: torch.device, num_classes: int = 10) -> "TrainConfig":
+        """A copy with the model chosen and every None filled from the model's recipe (with
+        its many-class overrides for datasets of more than 10 classes, e.g. CIFAR-100)."""
         model = self.model
         if model == "auto":
             model = "airbench" if device.type == "cuda" else "airbench-small"
-        recipe = {"momentum": 0.9, "nesterov": False, **get_model_spec(model).recipe}
+        spec = get_model_spec(model)
+        recipe = {"momentum": 0.9, "nesterov": False, "bias_lr_scale": 1.0, "lookahead": False,
+                  "alternate_flip": False, **spec.recipe,
+                  **(spec.many_class_recipe if num_classes > 10 else {})}
         if self.time_budget is not None:
             recipe.pop("epochs", None)  # left None: the trainer plans it from the budget
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -133,6 +147,16 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds training up here: CUDA GPUs, and CPUs whose oneDNN has
+    native bf16 (AVX512-BF16 or AMX: on this project's 2-core machines `airbench` trains at
+    about 380 images/s in bf16 against 190-200 in float32)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,8 +165,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+SCHEDULES = ("triangle", "onecycle", "cosine", "constant")
+
+
 def lr_at(progress: float, peak: float, schedule: str) -> float:
     """Learning rate at a fraction `progress` in [0, 1) of training."""
+    if schedule == "triangle":  # airbench: 0.2 x peak, up to the peak at 23%, down to 0.07 x peak
+        rise = 0.23
+        if progress < rise:
+            return peak * (0.2 + 0.8 * progress / rise)
+        return peak * (1 - 0.93 * (progress - rise) / (1 - rise))
     if schedule == "constant":
         return peak
     if schedule == "cosine":
@@ -152,7 +184,7 @@ def lr_at(progress: float, peak: float, schedule: str) -> float:
         if progress < warmup:
             return peak * (0.1 + 0.9 * progress / warmup)
         return peak * (1 - progress) / (1 - warmup)
-    raise CifarlabError(f"unknown schedule {schedule!r}; expected onecycle, cosine or constant")
+    raise CifarlabError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
 
 def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
@@ -177,6 +209,32 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+class Lookahead:
+    """airbench's lookahead: every few steps, average the weights and reset them to the average.
+
+    The average's decay grows from 0 to 0.95^5 over training (cubic in progress), so it
+    barely holds the network back early and smooths strongly at the end, where it works
+    like a weight average without a second model for evaluation. BatchNorm running
+    statistics are averaged with the weights. At every epoch's end the live weights are the
+    average, so a run resumed from a checkpoint restarts it exactly from the loaded weights.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        state = model.state_dict()
+        self._live = [v for v in state.values() if v.is_floating_point()]
+        self._average = [v.detach().clone() for v in self._live]
+
+    @torch.no_grad()
+    def update(self, progress: float) -> None:
+        decay = 0.95 ** LOOKAHEAD_EVERY * progress ** 3
+        torch._foreach_lerp_(self._average, self._live, 1 - decay)
+        self.reset_live()
+
+    @torch.no_grad()
+    def reset_live(self) -> None:
+        torch._foreach_copy_(self._live, self._average)
 
 
 class WeightEMA:
@@ -214,12 +272,40 @@ class WeightEMA:
 
 
 def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr)
     raise CifarlabError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: BatchNorm biases, a whitening layer's bias, the rest.
+
+    The BatchNorm biases' learning rate is scaled up by bias_lr_scale and their weight decay
+    down by the same factor, so each step shrinks them by the same fraction as the other
+    weights (airbench trains them 64x faster: a BN bias is one number per channel that the
+    scale-free convolutions cannot take over). `lr_scale` multiplies the scheduled lr; the
+    whitening bias's is set to 0 after the warm-up epochs (see Trainer.train_epoch).
+    Frozen parameters (the whitening filters, BatchNorm scales) are left out.
+    """
+    scale = cfg.bias_lr_scale
+    biases = [m.bias for m in model.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+    whiten = getattr(getattr(model, "net", model), "whiten", None)
+    # The whitening bias has a group of its own: train_epoch stops it after the warm-up.
+    whiten_bias = [whiten.bias] if whiten is not None and whiten.bias is not None else []
+    special = {id(p) for p in biases + whiten_bias}
+    others = [p for p in model.parameters() if id(p) not in special]
+    groups = [
+        {"params": [p for p in others if p.requires_grad], "lr_scale": 1.0,
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for p in biases if p.requires_grad], "lr_scale": scale,
+         "weight_decay": cfg.weight_decay / scale},
+        {"params": whiten_bias, "lr_scale": 1.0, "weight_decay": cfg.weight_decay, "whiten_bias": True},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def subsample(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,12 +325,12 @@ class Trainer:
         cfg.validate()
         # Under torchrun (WORLD_SIZE > 1): join the process group, cuda:LOCAL_RANK on GPUs.
         self.device, self.rank, self.world_size = distributed.setup(pick_device(cfg.device))
-        self.cfg = cfg.resolved(self.device)
+        self.cfg = cfg.resolved(self.device, len(dataset.classes))
         self.dataset = dataset
         # Rank 0's default run folder on every rank (the timestamps could differ).
         self.run_dir = Path(run_dir) if run_dir else distributed.broadcast_object(default_run_dir(self.cfg, dataset))
         self.progress = progress and distributed.is_main()
-        self.amp = self.cfg.amp == "on" or (self.cfg.amp == "auto" and self.device.type == "cuda")
+        self.amp = self.cfg.amp == "on" or (self.cfg.amp == "auto" and bf16_is_fast(self.device))
 
         train_x, train_y = get_split(dataset, "train", cfg.val_fraction, cfg.seed)
         train_x, train_y = subsample(train_x, train_y, cfg.max_train_images, cfg.seed)
@@ -254,9 +340,16 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)  # weight init
         self.model = build_classifier(self._model_meta(train_x)).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.init_whitening()
+        # Preprocess hands the network NHWC-ordered memory; convolutions in that order are
+        # faster on GPUs and with oneDNN on CPUs, and no copy is made.
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, self.cfg)
+        self.lookahead: Lookahead | None = None  # made when it starts (see train_epoch)
+        # Alternating flips: epoch 1 mirrors a random half of the images, each epoch after
+        # mirrors the other half (indexed by position in the training split).
+        self.first_mirror = torch.rand(len(self.train_y), generator=torch.Generator().manual_seed(
+            self.cfg.seed + 7)) < 0.5
         self.ema = WeightEMA(self.model, self.cfg.ema) if self.cfg.ema is not None else None
         # Training forward/backward go through train_model: with several processes, a
         # DistributedDataParallel wrapper (gradients averaged across ranks; BatchNorm buffers
@@ -266,6 +359,8 @@ class Trainer:
         if self.world_size > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         self.history: list[dict[str, Any]] = []
         # Batch size per process: the configured (global) batch split over the ranks, so the
         # optimizer sees the same batch size as a single-process run and the recipe's lr fits.
@@ -280,8 +375,20 @@ class Trainer:
             # follows its plan, so all of them run the same epochs and learning rates.
             self.cfg = distributed.broadcast_object(self.plan_schedule() if distributed.is_main() else None)
 
+    @torch.no_grad()
+    def init_whitening(self, sample_size: int = 5000) -> None:
+        """Set a whitening first layer (models that have one) from a random training sample."""
+        net = self.model.net
+        if not hasattr(net, "init_whitening"):
+            return
+        # A random sample: the split keeps the dataset's order, which may be sorted by class.
+        pick = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(self.cfg.seed))
+        net.init_whitening(self.model.preprocess(self.train_x[pick[:sample_size].to(self.device)]))
+
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(np.ascontiguousarray(x)).to(self.device),
+        # A copy: the split may be a read-only view of the memory-mapped cache, and training
+        # should read RAM, not page the cache in from disk during the first epoch.
+        return (torch.from_numpy(np.array(x, copy=True, order="C")).to(self.device),
                 torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device))
 
     def _model_meta(self, train_x: np.ndarray) -> dict[str, Any]:
@@ -302,11 +409,13 @@ class Trainer:
     # ---- time budget ----------------------------------------------------------------------
     def plan_schedule(self) -> TrainConfig:
         """The config with `epochs` chosen to fit the time budget, from measured step costs."""
-        step_s, image_s, checkpoint_s = self.measure()
+        step_s, image_s, checkpoint_s, first_step_s = self.measure()
         epoch_s = PLAN_MARGIN * (self.steps_per_epoch * step_s + len(self.val_y) * image_s + checkpoint_s)
-        # Time spent so far, plus room for `cifarlab evaluate --tta` on the test split
-        # afterwards (two forward passes per image).
-        fixed_s = time.perf_counter() - self.started + 2 * len(self.dataset.test_y) * image_s
+        # Time spent so far, plus room for `cifarlab evaluate --tta flip+translate` on the test
+        # split afterwards (six forward passes per image).
+        fixed_s = time.perf_counter() - self.started + 6 * len(self.dataset.test_y) * image_s
+        if self.cfg.compile:  # the run's own model compiles again on its first step
+            fixed_s += first_step_s
         epochs = plan_epochs(60 * self.cfg.time_budget, epoch_s, fixed_s)
         if self.progress:
             tqdm.write(f"planned {epochs} epochs: {epoch_s:.1f} s/epoch measured, "
@@ -314,8 +423,9 @@ class Trainer:
         plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3)}
         return replace(self.cfg, epochs=epochs, plan=plan)
 
-    def measure(self) -> tuple[float, float, float]:
-        """Seconds per training step (EMA included), per validated image and per checkpoint.
+    def measure(self) -> tuple[float, float, float, float]:
+        """Seconds per training step (EMA included), per validated image, per checkpoint, and
+        for the first step (which includes torch.compile's compilation).
 
         Timed on a copy with its own model, optimizer and EMA, so the run itself starts from
         untouched state; the global RNG the copy draws from is reseeded by every epoch.
@@ -323,7 +433,8 @@ class Trainer:
         cfg = self.cfg
         probe = copy.copy(self)  # shares the data tensors
         probe.model = copy.deepcopy(self.model)
-        probe.train_model = probe.model  # no DDP: a collective call on rank 0 alone would hang
+        # No DDP: a collective call on rank 0 alone would hang.
+        probe.train_model = torch.compile(probe.model) if cfg.compile else probe.model
         probe.optimizer = make_optimizer(probe.model, cfg)
         probe.ema = WeightEMA(probe.model, cfg.ema) if cfg.ema is not None else None
         probe.val_x, probe.val_y = self.train_x[:1000], self.train_y[:1000]  # the val split may be empty
@@ -338,14 +449,15 @@ class Trainer:
                 probe.ema.update(n, n)
 
         probe.model.train()
-        steps(1)  # warm-up: lazy initialisation and first-call allocations are not per-step costs
+        # Warm-up: lazy initialisation, first-call allocations and compiling are not per-step costs.
+        first_step_s = timed(self.device, lambda: steps(1))
         step_s = timed(self.device, lambda: steps(EMA_EVERY)) / EMA_EVERY
         probe.evaluate_val()  # warm-up of the eval-mode kernels
         image_s = timed(self.device, probe.evaluate_val) / len(probe.val_y)
         with tempfile.TemporaryDirectory() as tmp:  # the run folder is only made by fit()
             probe.run_dir = Path(tmp)
             checkpoint_s = timed(self.device, probe.save_checkpoint)
-        return step_s, image_s, checkpoint_s
+        return step_s, image_s, checkpoint_s, first_step_s
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -382,7 +494,19 @@ class Trainer:
             gen.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + epoch, self.rank))
             torch.manual_seed(distributed.rank_seed(cfg.seed * 1_000_003 + epoch, self.rank))
         order = order.to(self.device)
+        mirror = alternating_mirror(self.first_mirror, epoch).to(self.device) if cfg.alternate_flip and cfg.flip else None
         ema, last_step, steps_before = self.ema, self.steps_per_epoch - 1, (epoch - 1) * self.steps_per_epoch
+        total_steps = cfg.epochs * self.steps_per_epoch
+        warmup_epochs = round(WARMUP_FRACTION * cfg.epochs)
+        for group in self.optimizer.param_groups:
+            if group.get("whiten_bias"):
+                group["lr_scale"] = 1.0 if epoch <= warmup_epochs else 0.0  # lr 0: frozen
+        lookahead_on = cfg.lookahead and epoch > warmup_epochs
+        # The lookahead's first step after the warm-up makes it; a run resumed after that
+        # step remakes it from the loaded weights, which are the average at an epoch's end.
+        first_step = (warmup_epochs * self.steps_per_epoch // LOOKAHEAD_EVERY + 1) * LOOKAHEAD_EVERY
+        if lookahead_on and self.lookahead is None and steps_before >= first_step:
+            self.lookahead = Lookahead(self.model)
         model.train()
         start, seen = time.perf_counter(), 0
         # Sums stay on the device: reading a number back every step would stall a GPU.
@@ -393,10 +517,13 @@ class Trainer:
                    disable=not self.progress, leave=False, unit="batch")
         for step in bar:
             idx = order[step * batch_size:(step + 1) * batch_size]
-            images = random_translate_flip(self.train_x[idx], cfg.translate, cfg.flip, cfg.fill, gen)
+            images = random_translate_flip(self.train_x[idx], cfg.translate, cfg.flip, cfg.fill, gen,
+                                           mirror=None if mirror is None else mirror[idx])
             labels = self.train_y[idx]
-            lr = lr_at((steps_before + step) / (cfg.epochs * self.steps_per_epoch), cfg.lr, cfg.schedule)
+            lr = lr_at((steps_before + step) / total_steps, cfg.lr, cfg.schedule)
             loss, batch_correct = self.train_step(images, labels, lr)
+            if lookahead_on:  # before the EMA, which must see the weights the epoch ends with
+                self.lookahead_step(steps_before + step + 1, total_steps, end_of_epoch=step == last_step)
             # Updating at each epoch's end too keeps the checkpointed EMA current and resumable.
             if ema is not None and ((step + 1) % EMA_EVERY == 0 or step == last_step):
                 ema.update(step % EMA_EVERY + 1, steps_before + step + 1)
@@ -413,10 +540,19 @@ class Trainer:
         return {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                 "lr": lr, "seconds": time.perf_counter() - start}
 
+    def lookahead_step(self, steps_done: int, total_steps: int, end_of_epoch: bool) -> None:
+        if steps_done % LOOKAHEAD_EVERY == 0:
+            if self.lookahead is None:
+                self.lookahead = Lookahead(self.model)
+            else:
+                self.lookahead.update(steps_done / total_steps)
+        elif end_of_epoch and self.lookahead is not None:
+            self.lookahead.reset_live()  # end the epoch on the average (and resume from it)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor,
                    lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.train_model(images)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)

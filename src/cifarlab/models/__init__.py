@@ -26,6 +26,7 @@ class ModelSpec:
     description: str
     default_args: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)  # default TrainConfig overrides
+    many_class_recipe: dict[str, Any] = field(default_factory=dict)  # on top, for > 10 classes
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

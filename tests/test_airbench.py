@@ -1,0 +1,107 @@
+"""The airbench pieces: whitening init, bias-only BatchNorm, parameter groups, schedule, flips."""
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.augment import alternating_mirror, random_translate_flip
+from cifarlab.models import create_model
+from cifarlab.models.airbench import BiasOnlyBatchNorm
+from cifarlab.training import Lookahead, TrainConfig, lr_at, parameter_groups
+
+
+def correlated_images(n=256, seed=0):
+    """Smooth random images: neighbouring pixels and the three channels strongly correlated."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, 9, 9, generator=gen)
+    smooth = torch.nn.functional.interpolate(base, size=32, mode="bilinear", align_corners=False)
+    return smooth.repeat(1, 3, 1, 1) + 0.1 * torch.randn(n, 3, 32, 32, generator=gen)
+
+
+def test_whitening_filters_have_the_documented_shape_and_are_frozen():
+    net = create_model("airbench-small", num_classes=10)
+    assert net.whiten.weight.shape == (24, 3, 2, 2)  # 12 eigenvectors of 2x2x3 patches, and negatives
+    assert not net.whiten.weight.requires_grad and net.whiten.bias.requires_grad
+
+
+def test_whitening_init_decorrelates_patches():
+    images = correlated_images()
+    net = create_model("airbench-small", num_classes=10)
+    net.init_whitening(images, eps=0.0)
+    weight = net.whiten.weight
+    assert torch.allclose(weight[12:], -weight[:12])
+    out = torch.nn.functional.conv2d(images, weight[:12])  # no bias: the raw projections
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1).double()
+    covariance = flat @ flat.T / flat.shape[1]
+    # Whitened: unit variance, no correlation (the raw patches correlate at 0.9 and more).
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
+
+
+def test_bias_only_batchnorm_and_identity_init():
+    net = create_model("airbench-small", num_classes=10)
+    norms = [m for m in net.modules() if isinstance(m, BiasOnlyBatchNorm)]
+    assert len(norms) == 6 and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    conv = net.features[1][0]  # first conv of the first group: 24 -> 32 channels
+    x = torch.randn(2, 24, 8, 8)
+    # Dirac init: its first 24 output channels copy the input channels.
+    assert torch.allclose(conv(x)[:, :24], x, atol=1e-6)
+
+
+def test_parameter_groups_scale_batchnorm_biases_and_skip_frozen_weights():
+    net = create_model("airbench-small", num_classes=10)
+    cfg = TrainConfig(model="airbench-small").resolved(torch.device("cpu"))
+    groups = parameter_groups(net, cfg)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    bn_bias = net.features[1][2].bias
+    assert by_id[id(bn_bias)]["lr_scale"] == cfg.bias_lr_scale == 64
+    assert by_id[id(bn_bias)]["weight_decay"] == pytest.approx(cfg.weight_decay / 64)
+    assert by_id[id(net.head.weight)]["lr_scale"] == 1.0
+    assert by_id[id(net.whiten.bias)].get("whiten_bias") is True
+    assert id(net.whiten.weight) not in by_id and id(net.features[1][2].weight) not in by_id
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert set(by_id) == trainable
+
+
+def test_triangle_schedule_matches_airbench():
+    peak = 2.0
+    assert lr_at(0.0, peak, "triangle") == pytest.approx(0.2 * peak)
+    assert lr_at(0.23, peak, "triangle") == pytest.approx(peak)
+    assert lr_at(0.999999, peak, "triangle") == pytest.approx(0.07 * peak, abs=1e-5)
+    values = [lr_at(p / 100, peak, "triangle") for p in range(100)]
+    assert max(values) <= peak and np.argmax(values) == 23
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    first = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.5
+    e1, e2, e3 = (alternating_mirror(first, e) for e in (1, 2, 3))
+    assert torch.equal(e1, e3) and torch.equal(e2, ~e1)
+    assert 400 < int(e1.sum()) < 600
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    mirror = torch.tensor([True, False, True, False])
+    out = random_translate_flip(images, 0, mirror=mirror)
+    assert torch.equal(out[0], images[0].flip(1)) and torch.equal(out[1], images[1])
+
+
+def test_lookahead_pulls_weights_towards_their_average():
+    net = torch.nn.Linear(3, 2)
+    lookahead = Lookahead(net)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    lookahead.update(progress=1.0)  # decay 0.95^5: the average moves 23% of the way
+    decay = 0.95 ** 5
+    assert torch.allclose(net.weight, start + (1 - decay), atol=1e-6)
+    with torch.no_grad():
+        net.weight.add_(5.0)
+    lookahead.reset_live()  # back to the average
+    assert torch.allclose(net.weight, start + (1 - decay), atol=1e-6)
+
+
+def test_many_class_datasets_get_the_cifar100_settings():
+    cpu = torch.device("cpu")
+    ten = TrainConfig(model="airbench-small").resolved(cpu, num_classes=10)
+    hundred = TrainConfig(model="airbench-small").resolved(cpu, num_classes=100)
+    assert (ten.label_smoothing, ten.epochs) == (0.2, 10)
+    assert (hundred.label_smoothing, hundred.epochs) == (0.3, 10)
+    # What the user sets wins over both.
+    assert TrainConfig(model="airbench-small", label_smoothing=0.1).resolved(cpu, 100).label_smoothing == 0.1
