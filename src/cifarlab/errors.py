@@ -18,9 +18,33 @@ class ChecksumError(DataError):
     """A downloaded or local archive does not match its published checksum."""
 
 
+class ImageDecodeError(DataError):
+    """An image file cannot be decoded: corrupt, truncated, of a refused format, or a decompression bomb."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"Cannot decode the image {where}: {reason}. Remove or replace the file, or pass "
+                         "--bad-images skip to leave out (and list) the images that cannot be decoded.")
+        self.where, self.reason = where, reason
+
+    def __reduce__(self):  # rebuilt from (where, reason) when sent back from a decoding worker process
+        return type(self), (self.where, self.reason)
+
+
 class InputError(CifarlabError):
     """Arrays given to a model or a metric are not what it expects."""
 
 
 class ModelFileError(CifarlabError):
     """A model or checkpoint file is missing, corrupt or of an unknown format."""
+
+
+class StorageError(CifarlabError):
+    """A file could not be written (disk full, quota, file-size limit, permissions).
+
+    Raised only after the write was undone: the previous version of the file, if any, is intact.
+    `path` is the file that could not be written, when known.
+    """
+
+    def __init__(self, message: str, path: object = None):
+        super().__init__(message)
+        self.path = path

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from cifarlab.errors import CifarlabError
+from cifarlab.fileio import chmod_default, fsync_dir, storage_error
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
 
 ONNX_HINT = "pip install 'cifarlab[onnx]'"
@@ -80,7 +81,13 @@ def export_onnx(model: Classifier | str | Path, path: str | Path, *, input: str 
         _trace_to_onnx(module, _example_input(classifier, input), tmp, opset, training)
         _write_metadata(onnx, tmp, export_metadata(classifier, input))
         diff = None if training else verify_onnx(classifier, tmp, input)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash cannot leave a torn file
+            os.fsync(f.fileno())
+        chmod_default(tmp)
         os.replace(tmp, path)  # only a verified file takes the final name
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise storage_error(exc, path, "ONNX file") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return {"path": str(path), "max_abs_diff": diff, "input": input, "training": training}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cifarlab.errors import InputError
+from cifarlab.fileio import atomic_write
 
 __all__ = [
     "confusion_matrix",
@@ -34,11 +35,18 @@ __all__ = [
     "as_probabilities",
     "check_class_names",
     "check_num_classes",
+    "as_array",
 ]
 
 # Softmax outputs in float16/float32 do not sum to exactly 1; this is loose enough
 # for those and still catches logits or unnormalised scores passed by mistake.
 PROB_SUM_TOLERANCE = 1e-2
+# The largest count a confusion-matrix cell may hold: sums of such cells must stay exact in
+# float64 and far from int64 overflow.
+MAX_COUNT = 2**53
+# The most classes any function here accepts: a (C, C) int64 confusion matrix of 10,000
+# classes takes 800 MB. Class ids in the billions are a wrong column, not a dataset.
+MAX_CLASSES = 10_000
 
 
 # --------------------------------------------------------------------------- #
@@ -58,11 +66,23 @@ def _is_real_number_dtype(dtype: np.dtype) -> bool:
     return dtype != bool and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
 
 
+def as_array(value: Any, name: str) -> np.ndarray:
+    """np.asarray, with an InputError for nested lists of unequal lengths (a ragged matrix)."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{name} must be a rectangular array of numbers; got {type(value).__name__} "
+                         f"that numpy cannot stack ({exc}); every row needs the same length.") from None
+
+
 def check_num_classes(num_classes: Any, name: str = "num_classes") -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
         raise InputError(f"{name} must be an int, got {type(num_classes).__name__} {num_classes!r}.")
     if num_classes < 1:
         raise InputError(f"{name} must be at least 1, got {num_classes}.")
+    if num_classes > MAX_CLASSES:  # a (C, C) matrix of that size would not fit in memory
+        raise InputError(f"{name} must be at most {MAX_CLASSES:,}, got {num_classes:,}; "
+                         "are these class ids (0..C-1) and not some other numbers?")
     return int(num_classes)
 
 
@@ -73,7 +93,7 @@ def as_class_ids(labels: Any, num_classes: int, name: str) -> np.ndarray:
     often round-trip through float tensors or CSV files; anything else is refused
     rather than silently truncated.
     """
-    arr = np.asarray(labels)
+    arr = as_array(labels, name)
     if arr.ndim != 1:
         raise InputError(
             f"{name} must be a 1-D array of class ids, got shape {arr.shape}; "
@@ -107,7 +127,7 @@ def _reject_non_integers(arr: np.ndarray, expected: str, hint: str) -> None:
 
 def as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
     """Return ``cm`` as a square int64 matrix of non-negative counts (>= 2 classes)."""
-    arr = np.asarray(cm)
+    arr = as_array(cm, name)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
         raise InputError(f"{name} must be a square 2-D array (classes x classes), got shape {arr.shape}.")
     if arr.shape[0] < 2:
@@ -117,14 +137,19 @@ def as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
     _reject_non_integers(arr, f"{name} must contain integer counts", "pass raw counts, not a normalised matrix.")
     if (arr < 0).any():
         raise InputError(f"{name} must contain non-negative counts, got {_preview(arr[arr < 0])}.")
+    if arr.size and arr.max() > MAX_COUNT:  # int64 sums would overflow
+        raise InputError(f"{name} holds counts up to {float(arr.max()):.3g}, more than any real count "
+                         f"(at most {MAX_COUNT:.3g}); pass raw counts of samples.")
     return arr.astype(np.int64)
 
 
 def as_probabilities(probs: Any, num_samples: int | None = None) -> np.ndarray:
     """Return ``probs`` as a finite float64 (N, C) array, checking N if given."""
-    arr = np.asarray(probs)
+    arr = as_array(probs, "probs")
     if arr.ndim != 2:
         raise InputError(f"probs must be a 2-D array (samples x classes), got shape {arr.shape}.")
+    if arr.shape[1] == 0:
+        raise InputError(f"probs must have one column per class, got shape {arr.shape} (no classes).")
     if not _is_real_number_dtype(arr.dtype):
         raise InputError(f"probs must be numeric, got dtype {arr.dtype}.")
     arr = arr.astype(np.float64)
@@ -184,9 +209,7 @@ def save_confusion_json(cm: np.ndarray, path: Path) -> None:
     interchangeable with existing scripts that use that layout.
     """
     counts = as_count_matrix(cm)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(counts.tolist()), encoding="utf-8")
+    atomic_write(path, json.dumps(counts.tolist()).encode("utf-8"), what="confusion matrix")
 
 
 def _parse_count(value: Any, row: int, col: int, path: Path) -> int:
@@ -201,6 +224,9 @@ def _parse_count(value: Any, row: int, col: int, path: Path) -> int:
         )
     if value < 0:
         raise InputError(f"{where} must be a non-negative count, got {value!r}.")
+    if value > MAX_COUNT:  # int64 would overflow (and no evaluation has 2**53 samples)
+        raise InputError(f"{where} is {value:.3g}, more than any real count (at most {MAX_COUNT:.3g}); "
+                         "the file is damaged or is not a confusion matrix.")
     return int(value)
 
 
@@ -211,9 +237,9 @@ def load_confusion_json(path: Path) -> np.ndarray:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"confusion-matrix file {path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
         raise InputError(
-            f"{path} is not valid JSON ({exc}); expected a list of rows like [[5, 1], [0, 7]]."
+            f"{path} is not valid JSON ({type(exc).__name__}: {exc}); expected a list of rows like [[5, 1], [0, 7]]."
         ) from None
     if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
         raise InputError(
@@ -280,7 +306,7 @@ def top_k_accuracy(probs: np.ndarray, y_true: np.ndarray, k: int) -> float:
     With ``k >= C`` every sample counts as correct (the result is 1.0).
     """
     k = check_num_classes(k, "k")
-    labels = np.asarray(y_true)
+    labels = as_array(y_true, "y_true")
     scores = as_probabilities(probs, num_samples=labels.shape[0] if labels.ndim == 1 else None)
     labels = as_class_ids(labels, scores.shape[1], "y_true")
     if labels.size == 0:
@@ -365,7 +391,7 @@ def classification_report(
     trivially be 1.0). The ``"coarse"`` section is present only when both
     ``coarse_of_fine`` and ``coarse_names`` are given.
     """
-    labels = np.asarray(y_true)
+    labels = as_array(y_true, "y_true")
     scores = as_probabilities(probs, num_samples=labels.shape[0] if labels.ndim == 1 else None)
     num_classes = scores.shape[1]
     check_class_names(class_names, num_classes)

@@ -14,18 +14,17 @@ safetensors holds only tensors and a str->str metadata map, so loading never run
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from cifarlab.errors import InputError, ModelFileError
+from cifarlab.errors import CifarlabError, InputError, ModelFileError
+from cifarlab.fileio import atomic_write
 from cifarlab.models import create_model, get_model_spec
 
 FORMAT = "cifarlab-model"
@@ -120,7 +119,7 @@ def validate_images(images: Any, size: tuple[int, int] = (32, 32)) -> torch.Tens
     Never converts silently: a float array in 0..1 is exactly the bug this project exists
     for, and guessing its scale would hide it.
     """
-    array = images.detach().cpu() if isinstance(images, torch.Tensor) else np.asarray(images)
+    array = images.detach().cpu() if isinstance(images, torch.Tensor) else _as_numeric_array(images)
     if array.ndim == 3:
         array = array[None]  # one image
     h, w = size
@@ -139,13 +138,26 @@ def validate_images(images: Any, size: tuple[int, int] = (32, 32)) -> torch.Tens
         raise InputError(f"expected {expected}; got {shape}, {kind} images. Convert them to RGB first.")
     if shape[1:3] != (h, w):
         raise InputError(
-            f"expected {expected}; got images of {shape[1]}x{shape[2]} pixels. "
-            f"Resize them to {h}x{w} (e.g. `cifarlab predict --resize`)."
+            f"expected {expected}; got images of {shape[1]}x{shape[2]} pixels. Resize them to {h}x{w}: "
+            "`cifarlab predict --resize` for image files, cifarlab.imageops.resize_images(x) for arrays."
         )
     if isinstance(array, torch.Tensor):
         return array.contiguous()
     # Cached datasets are read-only memmaps; torch wants writable memory, so copy those.
     return torch.from_numpy(np.require(array, requirements=["C", "W"]))
+
+
+def _as_numeric_array(images: Any) -> np.ndarray:
+    """np.asarray, refusing ragged nesting and non-numeric contents with an InputError."""
+    try:
+        array = np.asarray(images)
+    except (ValueError, TypeError) as exc:  # ragged lists of images of different sizes
+        raise InputError(f"expected one array of images of equal size; got {type(images).__name__} "
+                         f"that numpy cannot stack ({exc}). Resize the images to one size first.") from None
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InputError(f"expected raw RGB images as uint8 numbers 0..255; got an array of dtype {array.dtype}. "
+                         "Decode the images to pixel arrays first (e.g. np.asarray(PIL.Image.open(f))).")
+    return array
 
 
 def _check_dtype(array: Any, expected: str) -> None:
@@ -198,34 +210,50 @@ def save_model(model: Classifier, path: str | Path) -> Path:
     return atomic_save_safetensors(tensors, {METADATA_KEY: json.dumps(model.meta)}, Path(path))
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path,
+                            what: str | None = None) -> Path:
+    """Write a safetensors file atomically and durably (see cifarlab.fileio.atomic_write).
+
+    A full disk raises StorageError and leaves the previous file (the last good checkpoint)
+    in place. Serialised in memory first, so that a failing write is an OSError with its errno.
+    """
+    what = what or ("checkpoint" if any(k.endswith("checkpoint") for k in metadata) else "model file")
+    return atomic_write(path, safetensors_bytes(tensors, metadata=metadata), what=what)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with errors a user can act on."""
+    """Tensors and metadata of a safetensors file, with errors a user can act on.
+
+    cifarlab's own metadata entries (keys starting with "cifarlab") must be JSON objects, so
+    that callers can json.loads them without meeting a torn or hand-edited header.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise ModelFileError(
             f"{path} is not a readable safetensors file ({exc}). cifarlab model files are "
             "written by `cifarlab train`; pickled .pt/.pth files are not accepted."
         ) from None
+    for key, value in metadata.items():
+        if key.startswith(METADATA_KEY):
+            _json_object(value, path, key)
+    return tensors, metadata
+
+
+def _json_object(text: str, path: Path, key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ModelFileError(f"{path}: the {key!r} metadata is not valid JSON ({exc}); the file was "
+                             "damaged or edited. Use the original file written by cifarlab.") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: the {key!r} metadata should be a JSON object, got {type(value).__name__}; "
+                             "the file was damaged or edited. Use the original file written by cifarlab.")
+    return value
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
@@ -236,15 +264,64 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
             f"{path} is a safetensors file without cifarlab metadata: it holds weights but not "
             "the architecture and preprocessing needed to use them. Was it written by cifarlab?"
         )
-    meta = json.loads(metadata[METADATA_KEY])
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    meta = json.loads(metadata[METADATA_KEY])  # a JSON object: read_safetensors checked it
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version", 0), int) \
+            or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: unsupported model format {meta.get('format')!r} version "
             f"{meta.get('format_version')!r}; this cifarlab reads {FORMAT} up to version {FORMAT_VERSION}."
         )
-    model = build_classifier(meta)
+    _check_meta(meta, path)
+    model = _build_matching(meta, tensors, path)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: weights do not match architecture {meta['architecture']!r}: {exc}") from None
     return model.to(device).eval()
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The metadata fields cifarlab relies on have the right types (a damaged or edited file fails here)."""
+    def numbers(value: Any, n: int) -> bool:
+        return (isinstance(value, list) and len(value) == n
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+    pre, contract = meta.get("preprocessing"), meta.get("input")
+    checks = [
+        (isinstance(meta.get("architecture"), str), "'architecture' (a model name)"),
+        (isinstance(meta.get("arch_args"), dict), "'arch_args' (an object)"),
+        (isinstance(meta.get("num_classes"), int) and not isinstance(meta.get("num_classes"), bool)
+         and meta.get("num_classes", 0) >= 1, "'num_classes' (a positive integer)"),
+        (isinstance(meta.get("classes"), list) and len(meta["classes"]) == meta.get("num_classes")
+         and all(isinstance(c, str) for c in meta["classes"]), "'classes' (one name per class)"),
+        (isinstance(contract, dict) and all(isinstance(contract.get(k), int) and contract[k] > 0
+                                            for k in ("height", "width")), "'input' (with height and width)"),
+        (isinstance(pre, dict) and numbers(pre.get("mean"), 3) and numbers(pre.get("std"), 3),
+         "'preprocessing' (3 means and 3 standard deviations)"),
+    ]
+    bad = [what for ok, what in checks if not ok]
+    if bad:
+        raise ModelFileError(f"{path}: the cifarlab metadata lacks or garbles {', '.join(bad)}; the file was "
+                             "damaged or edited. Use the original file written by cifarlab.")
+
+
+def _build_matching(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> Classifier:
+    """Build the Classifier the metadata describes, once its weight shapes match the file's tensors.
+
+    The architecture is first built on the "meta" device (shapes only, no memory), so metadata
+    asking for a huge network cannot allocate it before the mismatch is found.
+    """
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_classifier(meta).state_dict().items()}
+    except CifarlabError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # arch_args the builder rejects
+        raise ModelFileError(f"{path}: the metadata describes no buildable {meta['architecture']!r} "
+                             f"network ({type(exc).__name__}: {exc}); the file was damaged or edited.") from None
+    stored = {k: tuple(v.shape) for k, v in tensors.items()}
+    if shapes != stored:
+        differ = sorted(set(shapes) ^ set(stored)) or [k for k in shapes if shapes[k] != stored[k]]
+        raise ModelFileError(f"{path}: weights do not match architecture {meta['architecture']!r} "
+                             f"(first differences: {', '.join(differ[:3])}); the file was damaged or edited.")
+    return build_classifier(meta)

@@ -8,32 +8,50 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cifarlab.data.imagefolder import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 from cifarlab.errors import InputError
 from cifarlab.modelfile import Classifier
 
 
 def read_image(path: str | Path, size: tuple[int, int], resize: bool = False) -> np.ndarray:
-    """An image file as uint8 HWC RGB, exactly what the model takes."""
+    """An image file as uint8 HWC RGB, exactly what the model takes.
+
+    Decoded like ImageFolder datasets: common raster formats only (by content), at most
+    MAX_IMAGE_PIXELS pixels, and any decoder failure becomes an InputError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise InputError(f"{path}: declares {image.width}x{image.height} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS:,} accepted (a decompression bomb?)")
+            if image.size != (size[1], size[0]) and not resize:
+                raise InputError(
+                    f"{path}: the model takes {size[1]}x{size[0]} images, this one is "
+                    f"{image.size[0]}x{image.size[1]}; pass --resize to scale it"
+                )
             image = image.convert("RGB")  # grayscale, palette and RGBA files become RGB
             if image.size != (size[1], size[0]):
-                if not resize:
-                    raise InputError(
-                        f"{path}: the model takes {size[1]}x{size[0]} images, this one is "
-                        f"{image.size[0]}x{image.size[1]}; pass --resize to scale it"
-                    )
                 image = image.resize((size[1], size[0]), Image.BICUBIC)
             return np.asarray(image, dtype=np.uint8)
-    except (FileNotFoundError, IsADirectoryError):
-        raise InputError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: cannot be read as an image ({exc})") from None
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: cannot be read as an image (expected one of: "
+                         f"{', '.join(IMAGE_FORMATS)})") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's parsers raise many types on corrupt data
+        raise InputError(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
 
 
 def predict_files(model: Classifier, paths: list[str | Path], *, top: int = 5,
                   resize: bool = False) -> list[dict[str, Any]]:
     """Top-`top` classes with probabilities for each image file."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise InputError(f"--top must be a positive number of classes, got {top!r}")
+    if not paths:
+        raise InputError("no image files given; pass one or more PNG/JPEG files")
     images = np.stack([read_image(p, model.image_size, resize) for p in paths])
     probs = model.predict_proba(images)
     top = min(top, probs.shape[1])

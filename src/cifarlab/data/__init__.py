@@ -51,7 +51,7 @@ from cifarlab.data.cifar import (
 )
 from cifarlab.data.dataset import Dataset
 from cifarlab.data.fetch import download
-from cifarlab.data.imagefolder import _imagefolder_from_tree
+from cifarlab.data.imagefolder import _imagefolder_from_tree, check_bad_images
 from cifarlab.data.split import get_split, split_indices, split_info
 from cifarlab.errors import ChecksumError, DataError
 
@@ -85,6 +85,7 @@ def load_dataset(
     download: bool = True,
     verify: bool = True,
     resize: bool = False,
+    bad_images: str = "refuse",
     progress: bool = True,
 ) -> Dataset:
     """Load a dataset by name or path, decoding it into the cache on first use.
@@ -103,7 +104,16 @@ def load_dataset(
     With ``verify``, a file or folder whose name claims to be an official release is
     checked against the published MD5 (ChecksumError on mismatch). With ``resize``,
     ImageFolder images of another size are resized to 32x32 instead of refused.
+
+    ``bad_images`` decides what happens to ImageFolder images that cannot be decoded
+    (corrupt, truncated, an unsupported format, a decompression bomb): ``"refuse"`` (the
+    default) stops with a DataError naming the file; ``"skip"`` leaves them out, warns, and
+    lists them in ``Dataset.skipped``. The choice is made at import: the cache remembers
+    which files were skipped and every later load of that entry warns again.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DataError(f"the dataset must be a name or a path, got {type(spec).__name__} {spec!r}")
+    check_bad_images(bad_images)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     official = _NAME_ALIASES.get(str(spec).strip().lower()) if isinstance(spec, str) else None
     if official is not None:
@@ -117,23 +127,35 @@ def load_dataset(
                 "Pass 'cifar10', 'cifar100', or the path of an archive or folder with --data PATH."
             )
         key = _path_cache_key(path, resize)
-        build = functools.partial(_build_from_path, path, verify=verify, resize=resize, progress=progress)
+        build = functools.partial(_build_from_path, path, verify=verify, resize=resize, progress=progress,
+                                  bad_images=bad_images)
 
     target = cache_dir / "datasets" / key
     cached = _read_cache(target, need_verified=verify)
     if cached is not None:
-        return cached
+        return _report_skipped(cached, target)
     ds, verified = build()
     try:
         _write_cache(target, ds, verified)
     except OSError as e:
         # A read-only or full disk should not stop a run; it just costs a decode next time.
         warnings.warn(f"Could not cache {ds.name} in {target} ({e}); it will be decoded again next time.")
-        return ds
+        return _report_skipped(ds, None)
     cached = _read_cache(target, need_verified=False)
     if cached is None:
         raise DataError(f"The cache just written at {target} cannot be read back; delete it and try again.")
-    return cached
+    return _report_skipped(cached, target)
+
+
+def _report_skipped(ds: Dataset, target: Path | None) -> Dataset:
+    """Warn that images were left out at import (bad_images="skip"), naming the first few."""
+    if ds.skipped:
+        shown = "\n  ".join(ds.skipped[:5])
+        more = f"\n  ... and {len(ds.skipped) - 5} more" if len(ds.skipped) > 5 else ""
+        listed = f" (all listed in {target / 'meta.json'})" if target is not None else ""
+        warnings.warn(f"{len(ds.skipped)} images of {ds.name} could not be decoded and were left out{listed}:"
+                      f"\n  {shown}{more}")
+    return ds
 
 
 def _path_cache_key(path: Path, resize: bool) -> str:
@@ -206,7 +228,8 @@ def _detect_format(tree: _Tree) -> str:
 
 
 def _build_from_path(
-    path: Path, *, verify: bool, resize: bool, progress: bool, expect: str | None = None
+    path: Path, *, verify: bool, resize: bool, progress: bool, expect: str | None = None,
+    bad_images: str = "refuse",
 ) -> tuple[Dataset, bool]:
     """Decode ``path``; also return False when a published checksum applied but was skipped.
 
@@ -233,5 +256,5 @@ def _build_from_path(
     elif fmt == "cifar10":
         ds = _cifar10_from_tree(tree, source)
     else:
-        ds = _imagefolder_from_tree(tree, _stem(path), source, resize, progress)
+        ds = _imagefolder_from_tree(tree, _stem(path), source, resize, progress, bad_images)
     return ds, verify or not (official or official_folder)

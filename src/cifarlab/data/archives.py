@@ -1,19 +1,35 @@
 """Read a folder, tar or zip into memory, member by member, without extracting anything.
 
-Members that are absolute or contain ``..`` are refused, links are skipped, and an
-archive may expand to at most MAX_ARCHIVE_MEMBERS files / MAX_ARCHIVE_BYTES bytes.
+Nothing is ever written to disk, so no member can land outside a folder; still, members that
+are absolute or contain ``..`` are refused (a sign of a hostile or broken archive), and links
+(symbolic and hard) are skipped, never followed. Limits make a hostile archive fail fast and
+cheaply instead of exhausting memory:
+
+* at most MAX_ARCHIVE_MEMBERS entries (every header counts: files, folders, links);
+* at most MAX_ARCHIVE_BYTES of member data, checked against each member's declared size
+  before it is read, and for tar archives also against the bytes actually decompressed
+  (tarfile reads long-name and pax headers whole before we see the member);
+* a decompression-bomb limit: past BOMB_FLOOR_BYTES, the data may not exceed
+  MAX_EXPANSION_RATIO times the archive's own size.
+
+Any failure of tarfile, zipfile or the decompressors (damaged, truncated, encrypted or
+unsupported input) becomes a DataError that names the archive.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import lzma
 import os
 import stat
 import tarfile
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator
 
 from cifarlab.errors import DataError
 
@@ -23,6 +39,11 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # 3 members / ~180 MB; an ImageFolder copy of CIFAR holds ~60,000 files.
 MAX_ARCHIVE_BYTES = 2 * 1024**3
 MAX_ARCHIVE_MEMBERS = 1_000_000
+# Image datasets barely compress (PNG and JPEG are compressed already; the official CIFAR
+# pickles expand 1.1x), while a decompression bomb expands 100-1000x. Small archives are
+# exempt: a few MB of solid-colour test images may compress very well.
+MAX_EXPANSION_RATIO = 100
+BOMB_FLOOR_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -51,13 +72,27 @@ def _ignored(parts: tuple[str, ...]) -> bool:
 def _open_tree(path: Path) -> _Tree:
     if path.is_dir():
         tree = _Tree(path, _folder_files(path))
-    elif tarfile.is_tarfile(path):
+    elif _is_tar(path):
         tree = _Tree(path, _tar_files(path))
-    elif zipfile.is_zipfile(path):
+    elif _is_zip(path):
         tree = _Tree(path, _zip_files(path))
     else:
         raise DataError(f"{path} is neither a folder nor a tar/tar.gz/zip archive. Pass one of those with --data PATH.")
     return _strip_wrapper(tree)
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)
+    except Exception:  # noqa: BLE001 - a damaged compressed stream (EOFError, zlib/lzma errors):
+        return True  # still meant as a tar; reading it reports the damage
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:  # noqa: BLE001 - same as above
+        return True
 
 
 def _folder_files(root: Path) -> dict[str, bytes | Path]:
@@ -85,59 +120,130 @@ def _safe_member_name(archive: Path, name: str) -> str | None:
 
 
 class _Budget:
-    """Counts members and bytes so a hostile archive cannot exhaust memory."""
+    """Counts entries and bytes so a hostile archive cannot exhaust memory (limits read at use)."""
 
     def __init__(self, archive: Path) -> None:
-        self.archive, self.members, self.bytes = archive, 0, 0
+        self.archive, self.members, self.bytes, self.streamed = archive, 0, 0, 0
+        self.archive_size = archive.stat().st_size
 
-    def add(self, size: int) -> None:
-        self.members += 1
+    def entry(self, n: int = 1) -> None:
+        """`n` more headers of any kind."""
+        self.members += n
+        if self.members > MAX_ARCHIVE_MEMBERS:
+            self._refuse(f"holds more than {MAX_ARCHIVE_MEMBERS:,} entries")
+
+    def add(self, size: int, name: str) -> None:
+        """A member of `size` declared bytes is about to be read."""
+        if size < 0:
+            raise DataError(f"{self.archive}: member {name!r} declares a negative size ({size}); "
+                            "the archive is damaged. Download or re-create it.")
         self.bytes += size
-        if self.members > MAX_ARCHIVE_MEMBERS or self.bytes > MAX_ARCHIVE_BYTES:
-            raise DataError(
-                f"{self.archive} expands to more than {MAX_ARCHIVE_MEMBERS:,} files or "
-                f"{MAX_ARCHIVE_BYTES / 1024**3:.0f} GiB; refusing to read it. Extract it yourself "
-                "and pass the folder with --data PATH if it is genuine."
-            )
+        self._check(self.bytes)
+
+    def stream(self, n: int) -> None:
+        """`n` more bytes were decompressed (headers and padding included)."""
+        self.streamed += n
+        overhead = 1024 * self.members + (1 << 20)  # tar headers and block padding
+        self._check(self.streamed - overhead)
+
+    def _check(self, expanded: int) -> None:
+        if expanded > MAX_ARCHIVE_BYTES:
+            self._refuse(f"expands to more than {MAX_ARCHIVE_BYTES / 1024**3:g} GiB")
+        if expanded > BOMB_FLOOR_BYTES and expanded > MAX_EXPANSION_RATIO * self.archive_size:
+            self._refuse(f"expands to more than {MAX_EXPANSION_RATIO}x its size of {self.archive_size:,} bytes "
+                         "(a decompression bomb?)")
+
+    def _refuse(self, why: str) -> None:
+        raise DataError(f"{self.archive} {why}; refusing to read it. Extract it yourself and pass the "
+                        "folder with --data PATH if it is genuine.")
+
+
+class _Metered:
+    """A read-only stream that reports every byte read to a budget (tarfile reads through it)."""
+
+    def __init__(self, stream: BinaryIO, budget: _Budget) -> None:
+        self.stream, self.budget = stream, budget
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.budget.stream(len(data))
+        return data
+
+
+def _decompressed(path: Path) -> BinaryIO:
+    """The archive's bytes, decompressed by magic number (gzip, bzip2, xz) or as they are."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(path, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(path, "rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(path, "rb")
+    return open(path, "rb")
+
+
+@contextlib.contextmanager
+def _reading(path: Path, kind: str) -> Iterator[None]:
+    """Turn whatever the archive libraries raise on damaged input into one DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tarfile, zipfile and the codecs raise many types on bad input
+        raise DataError(
+            f"Could not read the {kind} archive {path}: {type(e).__name__}: {e}. It is damaged, incomplete, "
+            "encrypted or uses an unsupported compression: download or re-create it."
+        ) from e
 
 
 def _tar_files(path: Path) -> dict[str, bytes | Path]:
     files: dict[str, bytes | Path] = {}
+    links: list[str] = []
     budget = _Budget(path)
-    try:
-        # Streaming mode ("r|*") reads the compressed file once, front to back.
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
+    with _reading(path, "tar"), _decompressed(path) as raw:
+        # Streaming mode ("r|") reads the file once, front to back.
+        with tarfile.open(fileobj=_Metered(raw, budget), mode="r|") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # streaming needs no index of past members: memory stays flat
+                budget.entry()
                 name = _safe_member_name(path, member.name)
                 if member.issym() or member.islnk():
-                    warnings.warn(f"Skipping link {member.name!r} in {path}: links are not followed in archives.")
+                    links.append(member.name)
                     continue
                 if name is None or not member.isfile():
                     continue
-                budget.add(member.size)
+                budget.add(member.size, member.name)
                 stream = tar.extractfile(member)
                 files[name] = stream.read() if stream is not None else b""
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"Could not read the tar archive {path}: {e}. Is it complete? Try downloading it again.") from e
+    _warn_links(path, links)
     return files
+
+
+def _warn_links(path: Path, links: list[str]) -> None:
+    """One warning per archive, however many links it holds."""
+    if links:
+        shown = ", ".join(repr(name) for name in links[:3]) + (f" and {len(links) - 3} more" if len(links) > 3 else "")
+        warnings.warn(f"Skipping link {shown} in {path}: links are not followed in archives.")
 
 
 def _zip_files(path: Path) -> dict[str, bytes | Path]:
     files: dict[str, bytes | Path] = {}
+    links: list[str] = []
     budget = _Budget(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                name = _safe_member_name(path, info.filename)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    warnings.warn(f"Skipping link {info.filename!r} in {path}: links are not followed in archives.")
-                    continue
-                if name is None or info.is_dir():
-                    continue
-                budget.add(info.file_size)
-                files[name] = zf.read(info)  # reads at most file_size bytes, checks the CRC
-    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"Could not read the zip archive {path}: {e}. Is it complete? Try downloading it again.") from e
+    with _reading(path, "zip"), zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()  # the central directory, read whole by ZipFile
+        budget.entry(len(infos))
+        for info in infos:
+            name = _safe_member_name(path, info.filename)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                links.append(info.filename)
+                continue
+            if name is None or info.is_dir():
+                continue
+            budget.add(info.file_size, info.filename)
+            files[name] = zf.read(info)  # reads at most file_size bytes, checks the CRC
+    _warn_links(path, links)
     return files
 
 

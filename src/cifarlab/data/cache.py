@@ -31,7 +31,7 @@ def _read_cache(target: Path, need_verified: bool) -> Dataset | None:
         }
         ds = Dataset(
             name=meta["name"], classes=meta["classes"], coarse_classes=meta.get("coarse_classes"),
-            source=meta.get("source", ""), **arrays,
+            source=meta.get("source", ""), skipped=list(meta.get("skipped", [])), **arrays,
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing or damaged: rebuild it
@@ -53,6 +53,7 @@ def _write_cache(target: Path, ds: Dataset, verified: bool) -> None:
         meta = {
             "format_version": CACHE_FORMAT_VERSION, "name": ds.name, "classes": list(ds.classes),
             "coarse_classes": ds.coarse_classes, "source": ds.source, "verified": verified, "arrays": list(arrays),
+            "skipped": list(ds.skipped),
         }  # fmt: skip
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:  # last: it marks the entry complete
             json.dump(meta, f, indent=1)

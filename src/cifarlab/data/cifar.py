@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,36 @@ class _CifarUnpickler(pickle.Unpickler):
             ) from None
 
 
+# The official CIFAR-100 training pickle runs 0.5M opcodes; 8x that bounds what a hostile one
+# can make the unpickler allocate (each opcode makes at most one object).
+MAX_PICKLE_OPS = 4_000_000
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
+def _check_opcodes(data: bytes, where: str) -> None:
+    """Walk the opcodes without running any: refuse pickles that would exhaust memory.
+
+    The allow-list stops code execution, not allocation: a single LONG_BINPUT with index
+    10**9 makes the C unpickler grow its memo table to 8 GB, and 200 MB of EMPTY_DICT opcodes
+    build 200 million dicts.
+    """
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data), 1):
+            if count > MAX_PICKLE_OPS or (op.name in _MEMO_OPS and int(arg) > MAX_PICKLE_OPS):
+                raise DataError(f"{where} is not a CIFAR pickle: it has more than {MAX_PICKLE_OPS:,} opcodes or "
+                                "memo entries (the official ones have about 500,000); refusing to load it.")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - genops raises ValueError and others on malformed input
+        raise DataError(f"{where} is not a readable CIFAR pickle ({type(e).__name__}: {e}).") from e
+
+
 def _unpickle(tree: _Tree, name: str) -> dict:
+    data = tree.read(name)
+    _check_opcodes(data, tree.where(name))
     try:
         # The official files are Python 2 pickles: "bytes" keeps their str keys as bytes.
-        obj = _CifarUnpickler(io.BytesIO(tree.read(name)), encoding="bytes").load()
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a malformed pickle can fail in many ways; all mean "bad file"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,9 @@ class Dataset:
     train_y_coarse: np.ndarray | None = None
     test_y_coarse: np.ndarray | None = None
     source: str = ""
+    # Images left out at import because they could not be decoded ("location: reason"),
+    # with bad_images="skip"; empty otherwise.
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def coarse_of_fine(self) -> list[int] | None:

@@ -16,7 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cifarlab.data.cache import _fsync, _fsync_dir
-from cifarlab.errors import ChecksumError, DataError
+from cifarlab.errors import ChecksumError, DataError, StorageError
+from cifarlab.fileio import DISK_FULL_ERRNOS
 
 
 def download(url: str, dest: Path, md5: str | None, *, progress: bool = True) -> Path:
@@ -30,11 +31,16 @@ def download(url: str, dest: Path, md5: str | None, *, progress: bool = True) ->
     part = dest.with_suffix(dest.suffix + ".part")
     try:
         _fetch(url, part, progress)
-    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
-        raise DataError(
-            f"Could not download {url}: {e}. Run again to resume, or download it manually and pass the "
-            "file with --data PATH."
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise _download_error(url, e) from e
+        kept = part.stat().st_size if part.exists() else 0
+        raise StorageError(
+            f"Could not download {url}: the disk is full ({e.strerror}). {part} keeps the {kept:,} bytes "
+            "received so far; free some space and run again to resume."
         ) from e
+    except (http.client.HTTPException, ValueError) as e:
+        raise _download_error(url, e) from e
     if md5 is not None:
         actual = _md5_file(part)
         if actual != md5:
@@ -46,6 +52,13 @@ def download(url: str, dest: Path, md5: str | None, *, progress: bool = True) ->
     os.replace(part, dest)
     _fsync_dir(dest.parent)
     return dest
+
+
+def _download_error(url: str, e: Exception) -> DataError:
+    return DataError(
+        f"Could not download {url}: {e}. Run again to resume, or download it manually and pass the "
+        "file with --data PATH."
+    )
 
 
 def _fetch(url: str, part: Path, progress: bool) -> None:

@@ -24,6 +24,7 @@ from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes
 from cifarlab.diagnosis.report import Diagnosis, Finding
 from cifarlab.diagnosis.runners import ModelRunner, open_model
 from cifarlab.errors import CifarlabError, InputError
+from cifarlab.metrics import MAX_CLASSES, as_array
 
 __all__ = ["diagnose", "Diagnosis", "Finding"]
 
@@ -33,17 +34,21 @@ ArrayLike = Any  # np.ndarray, or a path to .npy/.npz/.csv
 def diagnose(*, confusion: ArrayLike | None = None, predictions: ArrayLike | None = None,
              labels: ArrayLike | None = None, model: Any = None, images: ArrayLike | None = None,
              data: Any = None, split: str = "test", class_names: list[str] | None = None,
-             max_images: int = 2000, plot_dir: str | Path | None = None) -> Diagnosis:
+             max_images: int = 2000, plot_dir: str | Path | None = None, resize: bool = False) -> Diagnosis:
     """Diagnose a classifier from a confusion matrix, predictions, or a model and its inputs.
 
     Paths are read as .npy/.npz/.csv (and cm.json for `confusion`). With a model, give the
     images it was fed (`images`, optional `labels`) or a dataset (`data`, `split`); a
     cifarlab model defaults to the dataset it was trained on. `max_images` bounds the
     probes' cost. `plot_dir` also writes the confusion matrix and class histogram PNGs.
+    `resize` resizes images of another size than the model's to its size (bicubic; see
+    cifarlab.imageops.resize_images), keeping their dtype, scale and layout as given.
     """
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise CifarlabError(f"max_images must be a positive number of images, got {max_images!r}")
     if model is not None:
         diagnosis, y_pred, y_true, names = _diagnose_model(model, images, labels, data, split,
-                                                           class_names, max_images)
+                                                           class_names, max_images, resize)
     elif predictions is not None:
         diagnosis, y_pred, y_true, names = _diagnose_predictions(predictions, labels, class_names)
     elif confusion is not None:
@@ -69,19 +74,30 @@ def _read_confusion(confusion: ArrayLike) -> np.ndarray:
     if isinstance(confusion, (str, Path)):
         path = Path(confusion)
         return load_confusion_json(path) if path.suffix.lower() == ".json" else load_array(path, "predictions")
-    return np.asarray(confusion)
+    return as_array(confusion, "confusion matrix")
 
 
 def _diagnose_predictions(predictions: ArrayLike, labels: ArrayLike | None, class_names: list[str] | None):
     outputs = _array(predictions, "predictions")
     raw_labels = None if labels is None else _array(labels, "labels")  # may be one-hot: analysis notes it
     y_true = None if raw_labels is None else as_labels(raw_labels)[0]
+    if outputs.dtype == bool or not (np.issubdtype(outputs.dtype, np.integer)
+                                     or np.issubdtype(outputs.dtype, np.floating)):
+        raise InputError(f"predictions must be numbers: (N, C) probabilities/logits or (N,) class ids; "
+                         f"got dtype {outputs.dtype}")
     if outputs.ndim == 2:  # probabilities or logits
+        if outputs.shape[1] < 2 or not np.all(np.isfinite(outputs)):
+            raise InputError(f"predictions (N, C) need at least 2 classes and finite values; got shape "
+                             f"{outputs.shape}{'' if np.all(np.isfinite(outputs)) else ' with NaN or inf'}. "
+                             "Check the model output (e.g. a diverged checkpoint).")
         probs, y_pred, num_classes = outputs, outputs.argmax(1), outputs.shape[1]
     elif outputs.ndim == 1:  # class ids
         probs, y_pred = None, as_labels(outputs)[0]
         largest = max(int(y_pred.max(initial=0)), int(y_true.max(initial=0)) if y_true is not None else 0)
         num_classes = len(class_names) if class_names else largest + 1
+        if num_classes > MAX_CLASSES:
+            raise InputError(f"the class ids go up to {largest:,}, which would mean {largest + 1:,} classes "
+                             f"(cifarlab handles up to {MAX_CLASSES:,}); pass class ids 0..C-1")
     else:
         raise InputError(f"predictions must be (N, C) probabilities/logits or (N,) class ids; got shape {outputs.shape}")
     diagnosis = analyze_predictions(y_pred, num_classes, y_true=raw_labels, probs=probs, class_names=class_names)
@@ -89,12 +105,13 @@ def _diagnose_predictions(predictions: ArrayLike, labels: ArrayLike | None, clas
 
 
 def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | None, data: Any,
-                    split: str, class_names: list[str] | None, max_images: int):
+                    split: str, class_names: list[str] | None, max_images: int, resize: bool = False):
     runner = open_model(model)
     if images is None:
-        x, y = _dataset_images(runner, data, split)
+        x, y = _dataset_images(runner, data, split, resize)
     else:
-        x = _array(images, "images")
+        x = _checked_images(_array(images, "images"))
+        x = _resized(x, runner) if resize else x
         y = None if labels is None else as_labels(_array(labels, "labels"))[0]
     if y is not None and len(y) != len(x):
         raise InputError(f"got {len(x)} images but {len(y)} labels; they must correspond one to one")
@@ -123,7 +140,42 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
     return diagnosis, y_pred, y, names
 
 
-def _dataset_images(runner: ModelRunner, data: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _checked_images(images: np.ndarray) -> np.ndarray:
+    """A batch of numeric images (rank 4; one rank-3 image becomes a batch of one), all finite.
+
+    Any layout, dtype and value range is accepted on purpose: diagnosing those is the point.
+    """
+    if images.dtype == bool or not (np.issubdtype(images.dtype, np.integer)
+                                    or np.issubdtype(images.dtype, np.floating)):
+        raise InputError(f"--images must be numbers (uint8 pixels or floats); got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4:
+        raise InputError(f"--images must be a batch of images of rank 4, (N, H, W, C) or (N, C, H, W); "
+                         f"got shape {images.shape}")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        raise InputError(f"--images contain {int((~np.isfinite(images)).sum())} NaN or infinite values; "
+                         "a model cannot be diagnosed on them. Check the preprocessing that produced them.")
+    return images
+
+
+def _resized(images: np.ndarray, runner: ModelRunner) -> np.ndarray:
+    """The images at the model's size, in their own layout (a layout mistake stays visible)."""
+    from cifarlab.diagnosis.probes import channel_axis
+    from cifarlab.imageops import resize_images
+
+    size = (runner.input_spec.get("height"), runner.input_spec.get("width"))
+    if None in size:
+        raise InputError(f"{runner.name} does not declare its image size, so --resize cannot know the "
+                         "target; resize the images yourself")
+    axis = channel_axis(images)
+    if axis is None:
+        raise InputError(f"cannot resize images of shape {images.shape}: expected (N, H, W, 3) or (N, 3, H, W)")
+    return resize_images(images, size, layout="NHWC" if axis == -1 else "NCHW")
+
+
+def _dataset_images(runner: ModelRunner, data: Any, split: str,
+                    resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A dataset split as raw uint8 images; for a cifarlab model, "val" is its recorded split."""
     from cifarlab.data import Dataset, get_split, load_dataset
     from cifarlab.evaluation import split_images
@@ -132,7 +184,7 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str) -> tuple[np.ndar
     if spec is None:
         raise CifarlabError("which images should the model be diagnosed on? Pass --images (what you fed it) "
                             "or --data with --split")
-    dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False)
+    dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False, resize=resize)
     if runner.kind == "cifarlab" and runner.meta is not None:
         return split_images(runner.meta, dataset, split)
     if split not in ("val", "test"):
@@ -143,7 +195,7 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str) -> tuple[np.ndar
 # ---- helpers ----------------------------------------------------------------------------
 
 def _array(value: ArrayLike, what: str) -> np.ndarray:
-    return load_array(value, what) if isinstance(value, (str, Path)) else np.asarray(value)
+    return load_array(value, what) if isinstance(value, (str, Path)) else as_array(value, what)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab.errors import InputError
+from cifarlab.metrics import as_array
 
 # Keys tried, in order, when an .npz holds several arrays.
 NPZ_KEYS = {
@@ -26,16 +27,21 @@ def load_array(path: str | Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"--{what}: file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".csv", ".txt"):
+        raise InputError(f"--{what}: {path} has suffix {suffix!r}; expected .npy, .npz or .csv")
     try:
         if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
+            # Memory-mapped first: a header that claims more data than the file holds fails here,
+            # before anything of that size is allocated; then copied into memory.
+            return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
         if suffix == ".npz":
             return _from_npz(path, what)
-        if suffix in (".csv", ".txt"):
-            return _from_csv(path)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"--{what}: cannot read {path} ({exc})") from None
-    raise InputError(f"--{what}: {path} has suffix {suffix!r}; expected .npy, .npz or .csv")
+        return _from_csv(path)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/zipfile raise many types on damaged files; all mean "bad file"
+        raise InputError(f"--{what}: cannot read {path} as a {suffix} array file "
+                         f"({type(exc).__name__}: {exc}). Save it with np.save / np.savez / np.savetxt.") from None
 
 
 def _from_npz(path: Path, what: str) -> np.ndarray:
@@ -60,9 +66,14 @@ def _from_csv(path: Path) -> np.ndarray:
 
 def as_labels(labels: np.ndarray, num_classes: int | None = None) -> tuple[np.ndarray, bool]:
     """Integer class ids (N,); one-hot (N, C) rows are accepted and reported as such."""
-    labels = np.asarray(labels)
+    labels = as_array(labels, "labels")
     one_hot = labels.ndim == 2 and labels.shape[1] > 1
+    numeric = np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)
+    if not (numeric or (one_hot and labels.dtype == bool)):
+        raise InputError(f"labels must be integer class ids (N,) or one-hot rows (N, C); got dtype {labels.dtype}")
     if one_hot:
+        if not np.all(np.isfinite(labels)):
+            raise InputError("one-hot labels (N, C) must be finite; got NaN or inf")
         labels = labels.argmax(1)
     elif labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]

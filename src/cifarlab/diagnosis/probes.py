@@ -108,6 +108,8 @@ def _precondition(name: str, x: np.ndarray, runner: ModelRunner) -> str | None:
     """
     lo, hi = float(x.min()), float(x.max())
     axis, layout = channel_axis(x), runner.input_spec.get("layout")
+    if axis is None and FINDING_ID.get(name) in ("input-normalization", "channel-order"):
+        return "no axis holds 3 channels"  # per-channel mean/std and RGB order need one
     rules = {
         "divide-by-255": (hi > 1.5, "the values are not larger than 1"),
         "multiply-by-255": (hi <= 1.5, "the values exceed 1, so they are not scaled to 0..1"),
@@ -507,7 +509,8 @@ def _range_finding(images: np.ndarray, given: dict[str, np.ndarray], expected: d
     units = "raw pixels 0..255" if model_range(runner) == "0..255" else model_range(runner)
     said = (f"mean pixel is {g_mean:.4g} (std {g_std:.3g}); training mean was {e_mean:.4g} "
             f"(std {e_std:.3g}) in the model's input units ({units})")
-    if g_min >= 0 and e_min >= 0 and (ratio > 30 or ratio < 1 / 30):
+    # Constant images (std 0) have no scale to compare: they fall through to the general mismatch.
+    if g_min >= 0 and e_min >= 0 and g_std > 0 and (ratio > 30 or ratio < 1 / 30):
         larger = ratio > 1
         factor = ratio if larger else 1 / ratio
         probe = "divide-by-255" if larger else "multiply-by-255"

@@ -90,7 +90,11 @@ class ModelRunner:
             out = out[0]
         if isinstance(out, torch.Tensor):
             out = out.detach().float().cpu().numpy()
-        out = np.asarray(out, dtype=np.float32)
+        try:
+            out = np.asarray(out, dtype=np.float32)
+        except (TypeError, ValueError) as exc:  # e.g. a list of {class: probability} dicts
+            raise InputError(f"{self.name} returned {type(out).__name__}, not an array of numbers ({exc}); "
+                             "expected logits or probabilities of shape (N, classes)") from None
         if out.ndim != 2:
             raise InputError(f"{self.name} returned an array of shape {out.shape}; expected (N, classes)")
         return out
@@ -151,7 +155,7 @@ def shape_mismatch_message(name: str, spec: dict[str, Any], shape: tuple[int, ..
         return f"{base}, which is NCHW (channels first). Transpose with x.transpose(0, 2, 3, 1)."
     if spec.get("layout") == "NCHW" and tuple(shape[1:]) == (h, w, c):
         return f"{base}, which is NHWC (channels last). Transpose with x.transpose(0, 3, 1, 2)."
-    return f"{base}. Resize or convert the images to that shape."
+    return f"{base}. Resize or convert the images to that shape (`cifarlab diagnose --resize` resizes them)."
 
 
 # ---- opening models ------------------------------------------------------------------------
@@ -264,12 +268,13 @@ def open_onnx(path: str | Path) -> ModelRunner:
     meta = _onnx_cifarlab_meta(session)
     spec = onnx_input_spec(session, path, meta)
     input_name = session.get_inputs()[0].name
+    output = onnx_class_output(session, path)
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: batch})[0]
+        return session.run([output.name], {input_name: batch})[0]
 
     return ModelRunner(
-        name=path.name, kind="onnx", num_classes=_onnx_num_classes(session, meta),
+        name=path.name, kind="onnx", num_classes=_onnx_num_classes(output, meta),
         classes=_onnx_classes(session, meta), input_spec=spec,
         train_stats=(meta or {}).get("train_input_stats"),
         trained_accuracy=_val_acc(meta) if meta else None, forward=forward,
@@ -327,8 +332,27 @@ def _onnx_classes(session: Any, meta: dict[str, Any] | None) -> list[str] | None
         return None
 
 
-def _onnx_num_classes(session: Any, meta: dict[str, Any] | None) -> int | None:
-    last = session.get_outputs()[0].shape[-1]
+def onnx_class_output(session: Any, path: Path) -> Any:
+    """The output holding the class scores: the first float output of rank 2 (N, classes).
+
+    Converters such as sklearn-onnx put predicted labels (int64, rank 1) first and the
+    probabilities second; a shape left unknown by the exporter is accepted and checked on the
+    first batch.
+    """
+    outputs = session.get_outputs()
+    for out in outputs:
+        rank = len(out.shape) if isinstance(out.shape, (list, tuple)) else None
+        if out.type in _ONNX_DTYPES and out.type != "tensor(uint8)" and rank in (2, None, 0):
+            if rank == 2 or len(outputs) == 1:
+                return out
+    declared = ", ".join(f"{o.name}: {o.type} {o.shape}" for o in outputs) or "none"
+    raise InputError(f"{path.name} declares outputs {declared}; diagnosis needs a float output of shape "
+                     "(N, classes) holding logits or probabilities")
+
+
+def _onnx_num_classes(output: Any, meta: dict[str, Any] | None) -> int | None:
+    shape = output.shape if isinstance(output.shape, (list, tuple)) else []
+    last = shape[-1] if len(shape) == 2 else None
     if isinstance(last, int):
         return last
-    return int(meta["num_classes"]) if meta and "num_classes" in meta else None
+    return int(meta["num_classes"]) if meta and isinstance(meta.get("num_classes"), int) else None

@@ -1,0 +1,302 @@
+"""A time-bounded mutation fuzzer for cifarlab's importers of untrusted files.
+
+Targets (each the public entry a user's file goes through):
+
+* ``archive``: ``load_dataset`` on tar, tar.gz and zip ImageFolders and on official-format
+  CIFAR-10 archives (pickles through the restricted unpickler);
+* ``image``: ImageFolder image decoding (``_decode_one``, with and without resize) and
+  ``cifarlab predict``'s ``read_image``;
+* ``array``: ``diagnose``'s ``.npy``/``.npz``/``.csv`` reader;
+* ``cm-json``: ``load_confusion_json``;
+* ``model``: ``load_model`` on safetensors files.
+
+Inputs are valid seed files mutated (bit flips, byte changes, inserted and deleted runs,
+truncation, splices with another seed). Compressed archives are also mutated *inside* the
+compression (the tar or pickle is mutated, then recompressed), so the mutations reach the
+parsers instead of stopping at a gzip checksum. The property: every input gives a result or
+a CifarlabError; any other exception is a crash, recorded with the input that caused it.
+
+Run longer than the test suite does, for the numbers in docs/reliability.md:
+
+    python tests/fuzz_importers.py --seconds 600 [--seed 1] [--save-crashes DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import inspect
+import io
+import json
+import random
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cifarlab.data import load_dataset
+from cifarlab.data.imagefolder import _decode_one
+from cifarlab.diagnosis.inputs import load_array
+from cifarlab.errors import CifarlabError
+from cifarlab.metrics import load_confusion_json
+from cifarlab.modelfile import build_classifier, load_model, make_meta, save_model
+from cifarlab.predict import read_image
+
+TARGETS = ("archive", "image", "array", "cm-json", "model")
+
+
+@dataclass
+class FuzzReport:
+    inputs: collections.Counter = field(default_factory=collections.Counter)  # per target
+    refused: collections.Counter = field(default_factory=collections.Counter)  # CifarlabError, per target
+    crashes: dict[tuple[str, str, str], tuple[str, bytes]] = field(default_factory=dict)  # key -> (trace, input)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.inputs.values())
+
+    def summary(self) -> str:
+        per = ", ".join(f"{t} {self.inputs[t]:,} ({self.refused[t]:,} refused)" for t in TARGETS)
+        return (f"{self.total:,} inputs in {self.seconds:.0f} s: {per}; "
+                f"{len(self.crashes)} distinct crashes")
+
+
+# ---- seeds -------------------------------------------------------------------------------------
+
+def _png(size=(32, 32), mode="RGB", fmt="PNG", seed=0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+IMAGE_SEEDS = [_png(), _png(mode="L"), _png(mode="RGBA"), _png(mode="P"), _png(fmt="JPEG"), _png(fmt="BMP"),
+               _png(fmt="GIF"), _png(fmt="TIFF"), _png(fmt="WEBP"), _png(size=(40, 24))]
+
+
+def _folder_members() -> dict[str, bytes]:
+    return {f"{split}/{cls}/{i}.png": IMAGE_SEEDS[(i + len(cls)) % len(IMAGE_SEEDS)]
+            for split in ("train", "test") for cls in ("ant", "bee") for i in range(2)}
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _py2_pickle(obj) -> bytes:
+    """A protocol-2 pickle like the official CIFAR batches (bytes keys, numpy arrays)."""
+    import pickle
+
+    return pickle.dumps(obj, protocol=2).replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+def _cifar10_members() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    batch = lambda n: _py2_pickle({b"labels": [int(v) for v in rng.integers(0, 3, n)],  # noqa: E731
+                                   b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)})
+    members = {f"cifar-10-batches-py/data_batch_{i}": batch(2) for i in range(1, 6)}
+    members["cifar-10-batches-py/test_batch"] = batch(2)
+    members["cifar-10-batches-py/batches.meta"] = _py2_pickle({b"label_names": [b"a", b"b", b"c"]})
+    return members
+
+
+def _model_seed() -> bytes:
+    stats = {"mean": [120.0] * 3, "std": [60.0] * 3, "min": [0] * 3, "max": [255] * 3}
+    meta = make_meta(architecture="airbench-small", arch_args={"widths": [8, 16, 16]}, classes=["a", "b"],
+                     train_stats=stats)
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_model(build_classifier(meta), Path(tmp) / "m.safetensors").read_bytes()
+
+
+def _array_seeds() -> dict[str, list[bytes]]:
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    def npz(**arrays):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), 6)
+    return {".npy": [npy(probs), npy(np.arange(6)), npy(np.zeros((2, 32, 32, 3), np.uint8))],
+            ".npz": [npz(probs=probs), npz(x=np.arange(4), y=np.arange(4))],
+            ".csv": [b"0.2,0.3,0.5\n0.1,0.8,0.1\n", b"0\n1\n2\n1\n"]}
+
+
+# ---- mutation ------------------------------------------------------------------------------------
+
+def mutate(data: bytes, rng: random.Random, other: bytes | None = None) -> bytes:
+    """1-8 random edits: flip a bit, set a byte (often to 0x00/0xff/0x7f), insert or delete a run,
+    truncate, or splice in a piece of another seed."""
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.random()
+        pos = rng.randrange(len(b) + 1)
+        if op < 0.3 and b:
+            b[pos % len(b)] ^= 1 << rng.randrange(8)
+        elif op < 0.55 and b:
+            b[pos % len(b)] = rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+        elif op < 0.7:
+            b[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 32)))
+        elif op < 0.85 and b:
+            del b[pos:pos + rng.randint(1, 64)]
+        elif op < 0.93:
+            del b[pos:]
+        elif other:
+            start = rng.randrange(len(other))
+            b[pos:pos] = other[start:start + rng.randint(1, 256)]
+    return bytes(b)
+
+
+class Fuzzer:
+    """Seeds, mutation and the targets; `run(seconds)` fuzzes until the time is up."""
+
+    def __init__(self, seed: int = 0, workdir: Path | None = None):
+        self.rng = random.Random(seed)
+        self.tmp = Path(tempfile.mkdtemp(prefix="cifarlab-fuzz-", dir=workdir))
+        folder = _folder_members()
+        self.tar_members = [folder, _cifar10_members()]
+        self.zip_seeds = [_zip(folder), _zip(folder, zipfile.ZIP_STORED)]
+        self.model_seed = _model_seed()
+        self.arrays = _array_seeds()
+        self.report = FuzzReport()
+
+    def __enter__(self) -> "Fuzzer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # Each generator returns (bytes to write, file suffix); each target reads the file.
+    def archive_input(self) -> tuple[bytes, str]:
+        kind = self.rng.choice(["tar", "tar.gz-inner", "tar.gz-outer", "zip", "member"])
+        members = dict(self.rng.choice(self.tar_members))
+        if kind == "member":  # one member (image or pickle) mutated inside a valid archive
+            name = self.rng.choice(list(members))
+            members[name] = mutate(members[name], self.rng)
+            return gzip.compress(_tar(members), mtime=0), ".tar.gz"
+        if kind == "zip":
+            return mutate(self.rng.choice(self.zip_seeds), self.rng), ".zip"
+        raw = _tar(members)
+        if kind == "tar":
+            return mutate(raw, self.rng), ".tar"
+        if kind == "tar.gz-inner":
+            return gzip.compress(mutate(raw, self.rng), mtime=0), ".tar.gz"
+        return mutate(gzip.compress(raw, mtime=0), self.rng), ".tar.gz"
+
+    def run_archive(self, path: Path) -> None:
+        options = {"resize": self.rng.random() < 0.5, "bad_images": self.rng.choice(["refuse", "skip"])}
+        if "bad_images" not in inspect.signature(load_dataset).parameters:  # an older cifarlab, for comparison
+            del options["bad_images"]
+        load_dataset(path, cache_dir=self.tmp / "cache", progress=False, **options)
+
+    def image_input(self) -> tuple[bytes, str]:
+        seeds = IMAGE_SEEDS
+        return mutate(self.rng.choice(seeds), self.rng, self.rng.choice(seeds)), ".png"
+
+    def run_image(self, path: Path) -> None:
+        if self.rng.random() < 0.5:
+            _decode_one(str(path), path.read_bytes(), resize=self.rng.random() < 0.5)
+        else:
+            read_image(path, (32, 32), resize=self.rng.random() < 0.5)
+
+    def array_input(self) -> tuple[bytes, str]:
+        suffix = self.rng.choice(list(self.arrays))
+        return mutate(self.rng.choice(self.arrays[suffix]), self.rng), suffix
+
+    def run_array(self, path: Path) -> None:
+        load_array(path, self.rng.choice(["images", "labels", "predictions"]))
+
+    def cm_json_input(self) -> tuple[bytes, str]:
+        seeds = [b"[[5, 1], [0, 7]]", json.dumps(np.eye(4, dtype=int).tolist()).encode(), b"[[1e3, 0], [0, 2.0]]"]
+        return mutate(self.rng.choice(seeds), self.rng), ".json"
+
+    def run_cm_json(self, path: Path) -> None:
+        load_confusion_json(path)
+
+    def model_input(self) -> tuple[bytes, str]:
+        data = bytearray(self.model_seed)
+        header = int.from_bytes(data[:8], "little")
+        if self.rng.random() < 0.6:  # edit the JSON header (shapes, offsets, metadata), where parsing happens
+            for _ in range(self.rng.randint(1, 4)):
+                data[self.rng.randrange(8, 8 + header)] = self.rng.randrange(32, 127)
+            return bytes(data), ".safetensors"
+        return mutate(bytes(data), self.rng), ".safetensors"
+
+    def run_model(self, path: Path) -> None:
+        load_model(path)
+
+    def one(self, target: str) -> None:
+        """Generate one input for `target`, run it, and record the outcome."""
+        attr = target.replace("-", "_")
+        data, suffix = getattr(self, f"{attr}_input")()
+        path = self.tmp / f"fuzz{suffix}"
+        path.write_bytes(data)
+        self.report.inputs[target] += 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                getattr(self, f"run_{attr}")(path)
+        except CifarlabError:
+            self.report.refused[target] += 1
+        except Exception as exc:  # noqa: BLE001 - a crash is what this looks for
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            key = (target, type(exc).__name__, f"{Path(frame.filename).name}:{frame.lineno}")
+            self.report.crashes.setdefault(key, (traceback.format_exc(), data))
+
+    def run(self, seconds: float, targets: tuple[str, ...] = TARGETS) -> FuzzReport:
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            for target in targets:
+                self.one(target)
+        self.report.seconds += time.perf_counter() - start
+        return self.report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-crashes", type=Path, help="write each crashing input here")
+    args = parser.parse_args(argv)
+    with Fuzzer(args.seed) as fuzzer:
+        report = fuzzer.run(args.seconds)
+    print(report.summary())
+    for (target, kind, where), (trace, data) in report.crashes.items():
+        print(f"\n--- {target}: {kind} at {where}\n{trace}")
+        if args.save_crashes:
+            args.save_crashes.mkdir(parents=True, exist_ok=True)
+            (args.save_crashes / f"{target}-{kind}-{where.replace(':', '-')}").write_bytes(data)
+    return 1 if report.crashes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
