@@ -7,6 +7,7 @@ The pipeline, one module per job:
     training   -> train, resume, TrainConfig      (training loop, run folders)
     evaluation -> evaluate                        (metrics.json, cm.json, confusion_matrix.png)
     diagnosis  -> diagnose                        (why a model predicts only a few classes)
+    report     -> write_report                    (a self-contained HTML report)
     export     -> export_onnx                     (ONNX with the preprocessing inside)
 """
 
@@ -26,7 +27,7 @@ def __getattr__(name: str):
         "create_model": "cifarlab.models", "list_models": "cifarlab.models",
         "train": "cifarlab.training", "resume": "cifarlab.training", "TrainConfig": "cifarlab.training",
         "evaluate": "cifarlab.evaluation", "diagnose": "cifarlab.diagnosis",
-        "export_onnx": "cifarlab.export",
+        "export_onnx": "cifarlab.export", "write_report": "cifarlab.report",
     }
     if name in homes:
         return getattr(importlib.import_module(homes[name]), name)
@@ -35,4 +36,4 @@ def __getattr__(name: str):
 
 __all__ = ["CifarlabError", "InputError", "load_dataset", "get_split", "Dataset", "load_model",
            "save_model", "Classifier", "create_model", "list_models", "train", "resume",
-           "TrainConfig", "evaluate", "diagnose", "export_onnx"]
+           "TrainConfig", "evaluate", "diagnose", "export_onnx", "write_report"]

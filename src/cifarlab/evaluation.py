@@ -7,6 +7,8 @@ Outputs in the evaluation folder:
     confusion_matrix.png      the same, drawn with class names
     coarse_confusion_matrix.png   for CIFAR-100
     probs.npy, labels.npy     the predicted probabilities and true labels, for later diagnosis
+    confused_examples.npz     a few images of each of the most-confused pairs (save_confused_examples),
+                              for `cifarlab report`
 
 Test-time augmentation (`tta`) averages the logits over mirrored ("flip") and also
 1-pixel-shifted ("flip+translate") copies of each image; the model file is unchanged.
@@ -33,21 +35,28 @@ TTA_MODES = ("flip", "flip+translate")
 
 def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = None,
              split: str = "test", out_dir: str | Path | None = None,
-             progress: bool = True, tta: bool | str | None = None) -> dict[str, Any]:
+             progress: bool = True, tta: bool | str | None = None,
+             label: str | None = None) -> dict[str, Any]:
     """Evaluate `model` on `split` ("val" or "test") of `data` and write the report files.
 
-    `data` defaults to the dataset the model was trained on; "val" is the exact validation
-    split recorded in the model file. `tta`: True or "flip", or "flip+translate" (see
-    predict_logits_tta). Returns the metrics dictionary (also metrics.json).
+    `model`: a Classifier, a model.safetensors, or an .onnx file written by `cifarlab export`
+    (run with onnxruntime; see cifarlab.onnx_model). `data` defaults to the dataset the model
+    was trained on; "val" is the exact validation split recorded in the model file. `tta`:
+    True or "flip", or "flip+translate" (see predict_logits_tta). `label` names this
+    evaluation in metrics.json and the plot titles (e.g. "correct preprocessing"). Returns
+    the metrics dictionary (also metrics.json).
     """
     tta = "flip" if tta is True else (tta or None)
     if tta is not None and tta not in TTA_MODES:
         raise CifarlabError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    model_path = None
-    if not isinstance(model, Classifier):
-        model_path = Path(model)
-        model = load_model(model_path)
-    dataset = resolve_dataset(model, data, progress)
+    model_path = None if isinstance(model, Classifier) else Path(model)
+    if model_path is not None and model_path.suffix.lower() == ".onnx":
+        from cifarlab.onnx_model import open_onnx_classifier  # onnxruntime is optional
+
+        model, dataset = open_onnx_classifier(model_path, data, progress)
+    else:
+        model = load_model(model_path) if model_path is not None else model
+        dataset = resolve_dataset(model, data, progress)
     check_classes(model, dataset)
     images, labels = split_images(model.meta, dataset, split)
 
@@ -57,6 +66,8 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
     report = classification_report(probs, labels, model.classes,
                                    coarse_of_fine=meta.get("coarse_of_fine"),
                                    coarse_names=meta.get("coarse_classes"))
+    if label:
+        report["label"] = label
     report["split"] = split
     report["tta"] = tta
     report["dataset"] = {"name": dataset.name, "source": dataset.source}
@@ -66,6 +77,7 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
 
     out = Path(out_dir) if out_dir else default_out_dir(model_path, split)
     write_outputs(report, probs, labels, model, out)
+    save_confused_examples(out / "confused_examples.npz", images, labels, probs, report["most_confused"])
     report["out_dir"] = str(out)
     return report
 
@@ -144,6 +156,8 @@ def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
     np.save(out / "probs.npy", probs.astype(np.float32))
     np.save(out / "labels.npy", labels.astype(np.int64))
     where = f"{report['dataset']['name']} {report['split']} split"
+    if report.get("label"):
+        where = f"{where}, {report['label']}"
     plot_confusion_matrix(cm, model.classes, out / "confusion_matrix.png",
                           title=f"Confusion matrix — {where}, {model.meta['architecture']} "
                                 f"(accuracy {report['accuracy']:.1%})")
@@ -153,3 +167,28 @@ def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
                               out / "coarse_confusion_matrix.png",
                               title=f"Superclass confusion — {where} "
                                     f"(coarse accuracy {coarse['accuracy']:.1%})")
+
+
+def save_confused_examples(path: Path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                           pairs: list[dict[str, Any]], *, max_pairs: int = 5, per_pair: int = 4) -> Path:
+    """Write up to `per_pair` images of each of the first `max_pairs` most-confused pairs.
+
+    The evaluation folder keeps no images otherwise, and a report that shows *what* a
+    "cat -> dog" confusion looks like is far more telling than the count. Flat arrays, one
+    row per example: images (M, H, W, 3) uint8, true_ids, predicted_ids, indices (into the
+    evaluated split), confidence (probability of the predicted class) and pair (rank of the
+    pair in `pairs`). Within a pair the most confident mistakes come first.
+    """
+    predicted = probs.argmax(1)
+    rows: list[np.ndarray] = []
+    for rank, pair in enumerate(pairs[:max_pairs]):
+        hits = np.flatnonzero((labels == pair["true_id"]) & (predicted == pair["predicted_id"]))
+        order = np.argsort(-probs[hits, pair["predicted_id"]], kind="stable")
+        rows.append(np.stack([hits[order[:per_pair]], np.full(min(per_pair, len(hits)), rank)], 1))
+    chosen = np.concatenate(rows) if rows else np.zeros((0, 2), dtype=np.int64)
+    index, rank = chosen[:, 0].astype(np.int64), chosen[:, 1].astype(np.int64)
+    np.savez_compressed(
+        path, images=np.asarray(images[index], dtype=np.uint8),
+        true_ids=labels[index].astype(np.int64), predicted_ids=predicted[index].astype(np.int64),
+        indices=index, confidence=probs[index, predicted[index]].astype(np.float32), pair=rank)
+    return path

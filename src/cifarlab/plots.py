@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from cifarlab.errors import InputError
 from cifarlab.metrics import as_count_matrix
 
-__all__ = ["plot_confusion_matrix", "plot_history", "plot_prediction_histogram"]
+__all__ = ["plot_confusion_matrix", "plot_history", "plot_prediction_histogram", "plot_per_class_accuracy"]
 
 # Up to this many classes every cell gets its value written in it (CIFAR-10 size).
 _ANNOTATE_MAX_CLASSES = 20
@@ -51,9 +51,11 @@ def _row_normalize(counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _color_norm(values: np.ndarray, normalize: bool, log_scale: bool) -> Normalize:
+def _color_norm(values: np.ndarray, normalize: bool, log_scale: bool, fit_max: bool = False) -> Normalize:
     positive = values[values > 0]
     vmax = 1.0 if normalize else max(float(values.max()), 1.0)
+    if fit_max and positive.size:  # diagonal masked: the largest mistake gets the darkest colour
+        vmax = float(positive.max())
     # A log scale needs a positive lower bound; with nothing positive fall back to linear.
     if log_scale and positive.size:
         vmin = float(positive.min())
@@ -110,6 +112,7 @@ def plot_confusion_matrix(
     normalize: bool = True,
     log_scale: bool = False,
     highlight_columns: list[int] | None = None,
+    mask_diagonal: bool = False,
 ) -> Path:
     """Draw ``cm`` (rows = true class, columns = predicted class) as a PNG at ``path``.
 
@@ -117,14 +120,18 @@ def plot_confusion_matrix(
     true class"; ``log_scale`` uses a logarithmic colour scale (zero cells are left
     blank), which makes small confusions visible next to a bright diagonal.
     ``highlight_columns`` outlines those predicted classes in red (the "vertical bars"
-    of a collapsed model, as marked by the diagnosis). Returns ``path``.
+    of a collapsed model, as marked by the diagnosis). ``mask_diagonal`` greys out the
+    correct predictions and scales the colours to the largest mistake, so that the
+    confusions are not washed out by a bright diagonal. Returns ``path``.
     """
     counts = as_count_matrix(cm)
     n = counts.shape[0]
     if len(class_names) != n:
         raise InputError(f"class_names must have one name per class: expected {n}, got {len(class_names)}.")
     values = _row_normalize(counts) if normalize else counts.astype(np.float64)
-    norm = _color_norm(values, normalize, log_scale)
+    if mask_diagonal:
+        np.fill_diagonal(values, 0)  # out of the colour range; drawn grey below
+    norm = _color_norm(values, normalize, log_scale, fit_max=mask_diagonal)
     blues = colormaps["Blues"]
     cmap = blues.with_extremes(bad=blues(0.0))  # masked zeros on a log scale show as the lowest colour
 
@@ -133,7 +140,10 @@ def plot_confusion_matrix(
     shown = np.ma.masked_less_equal(values, 0) if isinstance(norm, LogNorm) else values
     image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8 if n <= _ANNOTATE_MAX_CLASSES else 0.6)
-    colorbar.set_label("fraction of true class" if normalize else "count")
+    colorbar.set_label(("fraction of true class" if normalize else "count")
+                       + (" (diagonal masked)" if mask_diagonal else ""))
+    for i in range(n if mask_diagonal else 0):
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, facecolor="#bdbdbd", edgecolor="none"))
 
     xlabel, ylabel = _set_class_ticks(ax, list(class_names))
     ax.set_xlabel(xlabel)
@@ -168,6 +178,36 @@ def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: n
     ax.set_xlim(-0.7, n - 0.3)
     ax.set_ylabel("images")
     ax.legend()
+    ax.set_title("\n".join(textwrap.wrap(title, 110)))
+    return _save(fig, path)
+
+
+def plot_per_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: Path, *, title: str,
+                            overall: float | None = None, chance: float | None = None) -> Path:
+    """Each class's accuracy (recall) as a bar, best first, with the overall and chance levels.
+
+    Sorted bars show at a glance whether a model is uniformly mediocre or perfect on a few
+    classes and blind to the rest (the shape a preprocessing bug gives).
+    """
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    if len(class_names) != len(accuracy):
+        raise InputError(f"class_names must have one name per class: expected {len(accuracy)}, "
+                         f"got {len(class_names)}.")
+    order = np.argsort(-accuracy, kind="stable")
+    n = len(order)
+    fig = Figure(figsize=(max(8.0, n * 0.14), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(np.arange(n), accuracy[order], 0.8, color="#3182bd")
+    for level, label, style in ((overall, "overall", "-"), (chance, "chance", ":")):
+        if level is not None:
+            ax.axhline(level, color="#d62728", linestyle=style, linewidth=1, label=f"{label} {level:.1%}")
+    fontsize = 9 if n <= _ANNOTATE_MAX_CLASSES else 4.5
+    ax.set_xticks(np.arange(n), labels=[class_names[i] for i in order], rotation=90, fontsize=fontsize)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (recall)")
+    if overall is not None or chance is not None:
+        ax.legend(loc="upper right")
     ax.set_title("\n".join(textwrap.wrap(title, 110)))
     return _save(fig, path)
 
