@@ -53,8 +53,10 @@ def cifar_keras(cifar10_jpeg, tmp_path_factory):
     from cifarlab.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("cifar-keras")
+    # float32 like Keras (amp "auto" would train in bf16 on CPUs with native bf16): the
+    # diagnosis tests' expectations were set on this float32 model.
     cfg = TrainConfig(data="cifar10", model="keras-cnn", epochs=3, batch_size=64, max_train_images=8000,
-                      val_fraction=0.1, seed=0)
+                      val_fraction=0.1, seed=0, amp="off")
     result = train(cfg, dataset=cifar10_jpeg, run_dir=root / "run", progress=False)
     onnx = open_model(export_onnx(result.model, root / "float.onnx", input="float")["path"])
     # A seeded sample: this copy's test set is sorted by class, so the first 2,000 hold 2 classes.

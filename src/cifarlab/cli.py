@@ -10,10 +10,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from cifarlab import __version__
-from cifarlab.errors import CifarlabError
+from cifarlab.errors import CifarlabError, StorageError
 
 DATA_HELP = ("cifar100, cifar10, or a path: an official CIFAR python archive (.tar.gz) or its "
              "extracted folder, or an ImageFolder dataset (train/<class>/*.png, test/<class>/*) "
@@ -25,11 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_command(commands)
     add_data_command(commands)
     add_train_command(commands)
     add_evaluate_command(commands)
     add_predict_command(commands)
     add_diagnose_command(commands)
+    add_report_command(commands)
     add_export_command(commands)
     commands.add_parser("models", help="list the model architectures").set_defaults(run=run_models)
     return parser
@@ -39,13 +42,38 @@ def add_data_options(parser: argparse.ArgumentParser, default: str | None) -> No
     parser.add_argument("--data", default=default, help=DATA_HELP + (f" (default: {default})" if default else ""))
     parser.add_argument("--no-verify", action="store_true",
                         help="accept an official archive whose MD5 differs (a deliberately modified copy)")
+    add_image_options(parser)
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """How ImageFolder images that are not 32x32, or cannot be decoded, are imported."""
+    parser.add_argument("--resize", action="store_true", help="resize ImageFolder images that are not 32x32")
+    parser.add_argument("--bad-images", choices=["refuse", "skip"], default="refuse",
+                        help="ImageFolder images that cannot be decoded: refuse (stop and name the file; "
+                             "default) or skip (leave them out and list them)")
+
+
+def add_demo_command(commands) -> None:
+    p = commands.add_parser(
+        "demo", help="start here: train a small model, evaluate it right and with the classic "
+                     "forgotten /255, diagnose the difference, write an HTML report",
+        description="The bug cifarlab exists for, in one command: writes OUT/report.html with both "
+                    "confusion matrices and the diagnosis that explains them.")
+    p.add_argument("--data", default="cifar100", help=DATA_HELP + " (default: cifar100, downloaded)")
+    p.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
+    p.add_argument("--time-budget", type=float, default=3.0, metavar="MINUTES",
+                   help="minutes of training (default 3)")
+    p.add_argument("--max-train-images", type=int, metavar="N",
+                   help="train on a class-balanced subset of N images (default 20,000; 50000: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress; only the summary")
+    p.set_defaults(run=run_demo)
 
 
 def add_data_command(commands) -> None:
     p = commands.add_parser("data", help="download or import a dataset into the local cache")
     p.add_argument("data", nargs="?", default="cifar100", help=DATA_HELP)
     p.add_argument("--no-verify", action="store_true", help="skip the MD5 check of official archives")
-    p.add_argument("--resize", action="store_true", help="resize ImageFolder images that are not 32x32")
+    add_image_options(p)
     p.set_defaults(run=run_data)
 
 
@@ -59,14 +87,17 @@ def add_train_command(commands) -> None:
     p.add_argument("--optimizer", choices=["sgd", "adam"])
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["onecycle", "cosine", "constant"])
+    p.add_argument("--schedule", choices=["triangle", "onecycle", "cosine", "constant"])
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--translate", type=int, help="max random shift in pixels")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of train (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on for CUDA and for CPUs with native bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (faster steps on a GPU; a minute or more to start)")
     p.add_argument("--max-train-images", type=int, help="train on a class-balanced subset (quick runs)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="choose the number of epochs (instead of --epochs) so that training, "
@@ -83,13 +114,17 @@ def add_train_command(commands) -> None:
 
 def add_evaluate_command(commands) -> None:
     p = commands.add_parser("evaluate", help="metrics, cm.json and confusion_matrix.png for a model")
-    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`")
+    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`, or an "
+                   ".onnx written by `cifarlab export` (run with onnxruntime)")
     add_data_options(p, None)
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--tta", choices=["flip", "flip+translate"],
                    help="test-time augmentation: average the logits over each image and its mirror "
                         "(flip), and also over 1-pixel shifts (flip+translate)")
     p.add_argument("--out", type=Path, help="output folder (default: next to the model)")
+    p.add_argument("--report", type=Path, metavar="HTML",
+                   help="also write a self-contained HTML report (with the run's history.csv if it "
+                        "sits next to the model)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_evaluate)
 
@@ -119,9 +154,33 @@ def add_diagnose_command(commands) -> None:
     p.add_argument("--data", help="with --model and no --images: a dataset (" + DATA_HELP + ")")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--max-images", type=int, default=2000, help="images per probe (default 2000)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize --images (or --data ImageFolder images) of another size to the model's, "
+                        "keeping their dtype, scale and layout")
     p.add_argument("--json", action="store_true", help="print the machine-readable document")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write confusion_matrix.png and class_histogram.png")
+    p.add_argument("--report", type=Path, metavar="HTML",
+                   help="also write a self-contained HTML report of the findings and the confusion matrix")
     p.set_defaults(run=run_diagnose)
+
+
+def add_report_command(commands) -> None:
+    p = commands.add_parser(
+        "report", help="a self-contained HTML report of evaluations (side by side) and a diagnosis",
+        description="One .html file with every figure embedded: headline metrics, confusion matrices, "
+                    "class histograms, per-class accuracy, the most-confused pairs with example images, "
+                    "training curves and the diagnosis' findings. No scripts, no network needed to view it.")
+    p.add_argument("evaluations", type=Path, nargs="*", metavar="EVAL_DIR",
+                   help="folders written by `cifarlab evaluate` (several are shown side by side)")
+    p.add_argument("--diagnosis", type=Path, metavar="DIAG_JSON", help="the output of `cifarlab diagnose --json`")
+    p.add_argument("--history", type=Path, metavar="CSV", help="a run's history.csv: draw the training curves")
+    p.add_argument("--cm-scale", choices=["linear", "log"], default="linear",
+                   help="colour scale of the confusion matrices (log shows small confusions)")
+    p.add_argument("--mask-diagonal", action="store_true",
+                   help="grey out the correct predictions so the colours show only the mistakes")
+    p.add_argument("--title", help="the page title")
+    p.add_argument("--out", type=Path, required=True, metavar="HTML", help="the .html file to write")
+    p.set_defaults(run=run_report)
 
 
 def add_export_command(commands) -> None:
@@ -136,39 +195,42 @@ def add_export_command(commands) -> None:
 
 # ---- command bodies -------------------------------------------------------------------------
 
+def run_demo(args) -> int:
+    from cifarlab.demo import format_summary, run_demo
+
+    subset = {} if args.max_train_images is None else {"max_train_images": args.max_train_images}
+    summary = run_demo(args.data, args.out, args.time_budget, progress=not args.quiet, **subset)
+    if args.quiet:
+        print(format_summary(summary))
+    return 0
+
+
 def run_data(args) -> int:
     from cifarlab.data import load_dataset
 
-    ds = load_dataset(args.data, verify=not args.no_verify, resize=args.resize)
+    ds = load_dataset(args.data, verify=not args.no_verify, resize=args.resize, bad_images=args.bad_images)
     print(f"{ds.name}: {len(ds.train_y):,} train + {len(ds.test_y):,} test images "
           f"{ds.train_x.shape[1]}x{ds.train_x.shape[2]}, {len(ds.classes)} classes "
           f"({', '.join(ds.classes[:5])}{', ...' if len(ds.classes) > 5 else ''})")
     if ds.coarse_classes:
         print(f"  {len(ds.coarse_classes)} coarse classes")
     print(f"  from {ds.source}")
+    if ds.skipped:
+        print(f"  left out {len(ds.skipped):,} images that could not be decoded:")
+        print("\n".join(f"    {where}" for where in ds.skipped))
     return 0
 
 
 def run_train(args) -> int:
-    from cifarlab.data import load_dataset
-    from cifarlab.training import TrainConfig, pick_device, resume, train
-
     progress = not args.quiet
-    if args.resume:
-        result = resume(args.resume, epochs=args.epochs, progress=progress)
-    else:
-        cfg = TrainConfig(
-            data=args.data, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-            optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-            schedule=args.schedule, label_smoothing=args.label_smoothing,
-            translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,
-            seed=args.seed, device=args.device, amp=args.amp,
-            max_train_images=args.max_train_images, time_budget=args.time_budget, ema=args.ema,
-        )
-        cfg.validate()  # before a possibly long download
-        pick_device(cfg.device)
-        dataset = load_dataset(args.data, verify=not args.no_verify, progress=progress)
-        result = train(cfg, dataset=dataset, run_dir=args.out, progress=progress)
+    try:
+        result = _train_or_resume(args, progress)
+    except StorageError as exc:
+        run = Path(exc.path).parent if exc.path else None
+        if run is None or not (run / "checkpoint.safetensors").is_file():
+            raise
+        raise StorageError(f"{exc} Training stopped; once there is room, continue with: "
+                           f"cifarlab train --resume {run}") from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
         return 0
     metrics = result.model.meta["metrics"]
@@ -178,18 +240,64 @@ def run_train(args) -> int:
     return 0
 
 
+def _train_or_resume(args, progress: bool):
+    from cifarlab.data import load_dataset
+    from cifarlab.training import TrainConfig, pick_device, resume, train
+
+    if args.resume:
+        return resume(args.resume, dataset=_resume_dataset(args, progress), epochs=args.epochs, progress=progress)
+    cfg = TrainConfig(
+        data=args.data, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, label_smoothing=args.label_smoothing,
+        translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,
+        seed=args.seed, device=args.device, amp=args.amp, compile=args.compile,
+        max_train_images=args.max_train_images, time_budget=args.time_budget, ema=args.ema,
+    )
+    cfg.validate()  # before a possibly long download
+    pick_device(cfg.device)
+    dataset = load_dataset(args.data, verify=not args.no_verify, progress=progress, resize=args.resize,
+                           bad_images=args.bad_images)
+    return train(cfg, dataset=dataset, run_dir=args.out, progress=progress)
+
+
+def _resume_dataset(args, progress: bool):
+    """The run's dataset loaded with --resize/--bad-images as given; None: resume() loads it plainly.
+
+    The checkpoint records the dataset but not how its images were imported, so a run trained
+    with --resize must be resumed with --resize too.
+    """
+    if not args.resize and args.bad_images == "refuse":
+        return None
+    from cifarlab.data import load_dataset
+    from cifarlab.training import read_checkpoint
+
+    checkpoint = args.resume / "checkpoint.safetensors" if args.resume.is_dir() else args.resume
+    data = read_checkpoint(checkpoint)[1].get("config", {}).get("data")
+    if not isinstance(data, str):
+        raise CifarlabError(f"{checkpoint} does not say which dataset the run was trained on")
+    return load_dataset(data, progress=progress, resize=args.resize, bad_images=args.bad_images)
+
+
 def run_evaluate(args) -> int:
     from cifarlab.data import load_dataset
     from cifarlab.evaluation import evaluate
     from cifarlab.metrics import format_report
 
-    data = load_dataset(args.data, verify=not args.no_verify, progress=not args.quiet) if args.data else None
+    data = load_dataset(args.data, verify=not args.no_verify, progress=not args.quiet, resize=args.resize,
+                        bad_images=args.bad_images) if args.data else None
     report = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet,
                       tta=args.tta)
     print(format_report(report))
     if args.tta:
         print(f"test-time augmentation: {args.tta}")
     print(f"\nwrote metrics.json, cm.json, confusion_matrix.png to {report['out_dir']}")
+    if args.report:
+        from cifarlab.report import write_report
+
+        history = args.model.parent / "history.csv"  # the run folder of a `cifarlab train` model
+        path = write_report(args.report, evaluations=[report], history=history if history.is_file() else None)
+        print(f"report: {path}")
     return 0
 
 
@@ -214,13 +322,31 @@ def run_diagnose(args) -> int:
         raise CifarlabError("--images and --data need --model: which model was fed these images?")
     if args.model is not None and args.predictions is not None:
         raise CifarlabError("give either --model (cifarlab runs it) or --predictions (outputs you already have)")
-    diagnosis = diagnose(confusion=args.confusion, predictions=args.predictions, labels=args.labels,
-                         model=args.model, images=args.images, data=args.data, split=args.split,
-                         max_images=args.max_images, plot_dir=args.plot)
-    print(diagnosis.to_json() if args.json else diagnosis.format_text())
+    with tempfile.TemporaryDirectory(prefix="cifarlab-diagnose-") as scratch:
+        # The report embeds the plots the diagnosis draws (the matrix it analysed), so draw them.
+        plot_dir = args.plot or (Path(scratch) if args.report else None)
+        diagnosis = diagnose(confusion=args.confusion, predictions=args.predictions, labels=args.labels,
+                             model=args.model, images=args.images, data=args.data, split=args.split,
+                             max_images=args.max_images, plot_dir=plot_dir, resize=args.resize)
+        print(diagnosis.to_json() if args.json else diagnosis.format_text())
+        if args.report:
+            from cifarlab.report import write_report
+
+            write_report(args.report, evaluations=[], diagnosis=diagnosis, diagnosis_plots=plot_dir)
     if args.plot and not args.json:
         print(f"\nplots in {args.plot}")
+    if args.report and not args.json:
+        print(f"report: {args.report}")
     return diagnosis.exit_code
+
+
+def run_report(args) -> int:
+    from cifarlab.report import write_report
+
+    path = write_report(args.out, evaluations=args.evaluations, diagnosis=args.diagnosis, history=args.history,
+                        title=args.title, cm_scale=args.cm_scale, mask_diagonal=args.mask_diagonal)
+    print(f"report: {path}")
+    return 0
 
 
 def run_export(args) -> int:
@@ -249,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"cifarlab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment, not a bug: a full disk, a permission, a vanished file
+        if args.debug:
+            raise
+        from cifarlab.fileio import describe_os_error
+
+        print(f"cifarlab: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (continue with `cifarlab train --resume` and the run folder printed above)" if args.command == "train" else ""

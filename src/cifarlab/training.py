@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import math
 import tempfile
@@ -38,6 +39,7 @@ from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError
+from cifarlab.fileio import atomic_write
 from cifarlab.modelfile import (Classifier, atomic_save_safetensors, build_classifier,
                                 input_statistics, make_meta, read_safetensors, save_model)
 from cifarlab.models import get_model_spec
@@ -465,7 +467,7 @@ class Trainer:
         main = distributed.is_main()
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+            atomic_write(self.run_dir / "config.json", (json.dumps(asdict(self.cfg), indent=2) + "\n").encode())
         if self.progress:
             tqdm.write(f"run folder: {self.run_dir}  ({self.cfg.model} on {self.device}, "
                        f"{len(self.train_y):,} training images, {len(self.val_y):,} validation)")
@@ -577,11 +579,12 @@ class Trainer:
 
     # ---- files ----------------------------------------------------------------------------
     def write_history(self) -> None:
-        with open(self.run_dir / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-            writer.writeheader()
-            for row in self.history:
-                writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
+        atomic_write(self.run_dir / "history.csv", text.getvalue().encode(), what="training history")
 
     def save_checkpoint(self) -> Path:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -679,8 +682,15 @@ def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int |
     """Continue an interrupted run from its last checkpoint (optionally to more epochs)."""
     run_dir = Path(run_dir)
     checkpoint = run_dir / "checkpoint.safetensors" if run_dir.is_dir() else run_dir
+    if run_dir.is_dir() and not checkpoint.exists():
+        raise CifarlabError(f"{run_dir} has no checkpoint yet: the run stopped before its first epoch "
+                            "ended, so there is nothing to resume. Start it again with `cifarlab train`.")
     tensors, state = read_checkpoint(checkpoint)
-    cfg = TrainConfig(**state["config"])
+    try:
+        cfg = TrainConfig(**state["config"])
+    except (KeyError, TypeError) as exc:
+        raise ModelFileError(f"{checkpoint}: its recorded training config is not one this cifarlab "
+                             f"version can read ({exc}); start the run again") from None
     if epochs is not None:
         cfg.epochs = epochs
     dataset = dataset if dataset is not None else load_dataset(cfg.data, progress=progress)
