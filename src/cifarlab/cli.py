@@ -97,7 +97,7 @@ def add_train_command(commands) -> None:
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on for CUDA and for CPUs with native bf16)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (faster steps on a GPU; a minute or more to start)")
+                   help="torch.compile the training step (meant for GPUs; compiling takes a while at the start)")
     p.add_argument("--max-train-images", type=int, help="train on a class-balanced subset (quick runs)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="choose the number of epochs (instead of --epochs) so that training, "

@@ -87,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # bf16 autocast: "auto" (on where fast: CUDA, CPUs with native bf16), "on", "off"
-    compile: bool = False  # torch.compile the training step's model (a GPU speed-up; minutes to start)
+    compile: bool = False  # torch.compile the training step's model (meant for GPUs; compiles at the start)
     max_train_images: int | None = None  # a stratified subset, for quick experiments and tests
     time_budget: float | None = None  # minutes; the trainer plans `epochs` to fit (see plan_epochs)
     ema: float | None = None  # decay of the weight average used for validation and the final model
