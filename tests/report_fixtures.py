@@ -14,12 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.evaluation import evaluate
 from cifarlab.training import TrainConfig, train
-from synthetic import synthetic_dataset
+from synthetic import synthetic_dataset, write_image_folder
 
 CORRECT_LABEL = "correct"
 BROKEN_LABEL = "raw <pixels> & /255"  # markup on purpose: the page must escape it
@@ -35,15 +34,6 @@ class ReportRun:
     broken: Path
 
 
-def write_imagefolder(ds: Dataset, root: Path) -> Path:
-    for split, xs, ys in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            folder = root / split / ds.classes[y]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x).save(folder / f"{i:04d}.png")
-    return root
-
-
 def label_evaluation(folder: Path, label: str) -> None:
     """What `cifarlab demo` does: name the evaluation in its metrics.json."""
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -53,7 +43,7 @@ def label_evaluation(folder: Path, label: str) -> None:
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory: pytest.TempPathFactory) -> ReportRun:
     root = tmp_path_factory.mktemp("report-run")
-    data_dir = write_imagefolder(synthetic_dataset(num_classes=4), root / "colours")
+    data_dir = write_image_folder(root / "colours", synthetic_dataset(num_classes=4))
     cache = root / "home"
     ds = load_dataset(data_dir, cache_dir=cache, progress=False)
     ds.coarse_classes = ["warm", "cold"]  # classes 0, 1 -> warm; 2, 3 -> cold

@@ -4,7 +4,10 @@ Each class has its own colour; images are that colour plus noise, so a few epoch
 our models separate them. Real-image tests use the shared CIFAR-10 copy instead.
 """
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 from cifarlab.data import Dataset
 
@@ -24,3 +27,13 @@ def synthetic_dataset(n_train_per_class: int = 50, n_test_per_class: int = 10, n
     test_x, test_y = make(n_test_per_class)
     classes = [f"class{i}" for i in range(num_classes)]
     return Dataset("synthetic", train_x, train_y, test_x, test_y, classes, source="tests/synthetic.py")
+
+
+def write_image_folder(root: Path, ds: Dataset) -> Path:
+    """Write a dataset as an ImageFolder (train/<class>/NNNN.png, test/<class>/NNNN.png)."""
+    for split, xs, ys in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / ds.classes[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x).save(folder / f"{i:04d}.png")
+    return root

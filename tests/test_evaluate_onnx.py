@@ -13,7 +13,7 @@ from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import evaluate
 from cifarlab.metrics import load_confusion_json
 from cifarlab.training import TrainConfig, train
-from synthetic import synthetic_dataset
+from synthetic import synthetic_dataset, write_image_folder
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -36,13 +36,7 @@ def cache_home(tmp_path_factory):
 def image_folder(tmp_path_factory, cache_home):
     """The synthetic dataset written as an ImageFolder, so the model file records a real path."""
     root = tmp_path_factory.mktemp("images")
-    ds = synthetic_dataset(n_test_per_class=25)
-    for split, xs, ys in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            folder = root / split / ds.classes[y]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x).save(folder / f"{i:04d}.png")
-    return root
+    return write_image_folder(root, synthetic_dataset(n_test_per_class=25))
 
 
 @pytest.fixture(scope="module", params=["keras-cnn", "airbench-small"])

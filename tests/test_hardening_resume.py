@@ -30,8 +30,7 @@ import torch
 from cifarlab.data import load_dataset
 from cifarlab.modelfile import load_model, read_safetensors
 from cifarlab.training import read_checkpoint
-from synthetic import synthetic_dataset
-from test_training import write_image_folder
+from synthetic import synthetic_dataset, write_image_folder
 
 pytestmark = pytest.mark.slow
 

@@ -11,13 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cifarlab.data import load_dataset
 from cifarlab.modelfile import load_model, read_safetensors
 from cifarlab.training import (EMA_EVERY, Trainer, TrainConfig, WeightEMA, join_optimizer_state, lr_at,
                                resume, split_optimizer_state, train)
-from synthetic import synthetic_dataset
+from synthetic import synthetic_dataset, write_image_folder
 
 QUICK = dict(model="airbench-small", epochs=3, batch_size=32, lr=0.2, seed=0, device="cpu")
 
@@ -179,14 +178,6 @@ def test_ema_is_validated_and_saved_and_resumes_exactly(tmp_path):
     part.save_checkpoint()
     resumed = resume(tmp_path / "part", dataset=ds, progress=False)
     assert all(torch.equal(v, saved[k]) for k, v in weights(resumed.model_path).items())
-
-
-def write_image_folder(root, ds):
-    for split, xs, ys in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            folder = root / split / ds.classes[y]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x).save(folder / f"{i:04d}.png")
 
 
 @pytest.mark.slow
