@@ -411,11 +411,12 @@ class Trainer:
     # ---- time budget ----------------------------------------------------------------------
     def plan_schedule(self) -> TrainConfig:
         """The config with `epochs` chosen to fit the time budget, from measured step costs."""
-        step_s, image_s, checkpoint_s, first_step_s = self.measure()
+        step_s, image_s, checkpoint_s, first_step_s, test_image_s = self.measure()
         epoch_s = PLAN_MARGIN * (self.steps_per_epoch * step_s + len(self.val_y) * image_s + checkpoint_s)
         # Time spent so far, plus room for `cifarlab evaluate --tta flip+translate` on the test
-        # split afterwards (six forward passes per image).
-        fixed_s = time.perf_counter() - self.started + 6 * len(self.dataset.test_y) * image_s
+        # split afterwards (six forward passes per image, through Classifier.predict_logits,
+        # which runs in float32: up to 3x slower than the bf16 validation pass on a CPU).
+        fixed_s = time.perf_counter() - self.started + 6 * len(self.dataset.test_y) * test_image_s
         if self.cfg.compile:  # the run's own model compiles again on its first step
             fixed_s += first_step_s
         epochs = plan_epochs(60 * self.cfg.time_budget, epoch_s, fixed_s)
@@ -425,9 +426,10 @@ class Trainer:
         plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3)}
         return replace(self.cfg, epochs=epochs, plan=plan)
 
-    def measure(self) -> tuple[float, float, float, float]:
-        """Seconds per training step (EMA included), per validated image, per checkpoint, and
-        for the first step (which includes torch.compile's compilation).
+    def measure(self) -> tuple[float, float, float, float, float]:
+        """Seconds per training step (EMA included), per validated image, per checkpoint, for
+        the first step (which includes torch.compile's compilation), and per image of the
+        final evaluation (`cifarlab evaluate`'s pass, Classifier.predict_logits).
 
         Timed on a copy with its own model, optimizer and EMA, so the run itself starts from
         untouched state; the global RNG the copy draws from is reseeded by every epoch.
@@ -456,10 +458,11 @@ class Trainer:
         step_s = timed(self.device, lambda: steps(EMA_EVERY)) / EMA_EVERY
         probe.evaluate_val()  # warm-up of the eval-mode kernels
         image_s = timed(self.device, probe.evaluate_val) / len(probe.val_y)
+        test_image_s = timed(self.device, lambda: probe.model.predict_logits(probe.val_x)) / len(probe.val_y)
         with tempfile.TemporaryDirectory() as tmp:  # the run folder is only made by fit()
             probe.run_dir = Path(tmp)
             checkpoint_s = timed(self.device, probe.save_checkpoint)
-        return step_s, image_s, checkpoint_s, first_step_s
+        return step_s, image_s, checkpoint_s, first_step_s, test_image_s
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
