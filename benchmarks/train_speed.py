@@ -39,7 +39,7 @@ from cifarlab.augment import random_translate_flip
 from cifarlab.evaluation import predict_logits_tta
 from cifarlab.modelfile import build_classifier
 from cifarlab.models import get_model_spec
-from cifarlab.training import TrainConfig, Trainer, parameter_groups, pick_device
+from cifarlab.training import TrainConfig, Trainer, make_optimizer, pick_device
 
 THRESHOLDS = (0.70, 0.80, 0.90, 0.93)
 SEED_FULL_EPOCHS = get_model_spec("keras-cnn").recipe["epochs"]  # 50, the seed's schedule
@@ -180,9 +180,9 @@ class HandLoop:
         # The same Classifier (Preprocess + network) and memory format as the Trainer builds.
         self.model = build_classifier(trainer.model.meta).to(self.device, memory_format=torch.channels_last)
         self.model.train()
-        # The same parameter groups (BatchNorm biases at their own rate), set once: no schedule.
-        self.opt = torch.optim.SGD(parameter_groups(self.model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                   nesterov=cfg.nesterov)
+        # The same optimizer and parameter groups (Muon on the conv filters, BatchNorm biases
+        # at their own rate): the update rule is the recipe, not loop overhead. Set once: no schedule.
+        self.opt = make_optimizer(self.model, cfg)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * group["lr_scale"]
 

@@ -65,10 +65,24 @@ def test_a_budgeted_run_fits_and_records_its_plan(tmp_path, monkeypatch):
     assert epochs >= 1 and config["epochs"] == recipe["epochs"] == epochs
     assert config["time_budget"] == budget_min and recipe["plan"] == config["plan"]
     assert config["plan"]["epoch_seconds"] > 0 and config["plan"]["fixed_seconds"] > 0
+    assert config["plan"]["first_epoch_seconds"] > 0  # corrected after the first epoch
     # Resuming keeps the plan rather than measuring again on a possibly different machine.
     monkeypatch.setattr(Trainer, "measure", lambda self: pytest.fail("resume re-planned"))
     resumed = resume(tmp_path / "run", dataset=tiny_dataset(), progress=False)
     assert resumed.model.meta["recipe"]["epochs"] == epochs and len(resumed.history) == epochs
+
+
+def test_the_plan_is_corrected_after_the_first_epoch():
+    plan = {"epoch_seconds": 8.0, "fixed_seconds": 9.0, "final_eval_seconds": 5.0}
+    cfg = TrainConfig(**TINY, time_budget=1.0, epochs=3, plan=plan)
+    trainer = Trainer(cfg, tiny_dataset(), progress=False)
+    trainer.started = time.perf_counter() - 20  # 20 s of the 60 spent, 5 kept for the final evaluation
+    # The first epoch took 10 s: 35 s left hold 3 more at 10.5 s (PLAN_MARGIN), not the 2 planned.
+    corrected = trainer.replan(first_epoch_s=10.0)
+    assert corrected.epochs == 4
+    assert corrected.plan == {**plan, "first_epoch_seconds": 10.0, "first_plan_epochs": 3}
+    # A first epoch slower than the rest of the budget: the run stops after it.
+    assert trainer.replan(first_epoch_s=40.0).epochs == 1
 
 
 def test_measuring_leaves_the_run_untouched(tmp_path):

@@ -84,10 +84,11 @@ def add_train_command(commands) -> None:
                    "airbench on a GPU, airbench-small on a CPU")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--optimizer", choices=["sgd", "muon", "adam"], help="muon: Muon on the conv filters, "
+                   "SGD on the rest (the airbench recipe's default)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["triangle", "onecycle", "cosine", "constant"])
+    p.add_argument("--schedule", choices=["triangle", "linear", "onecycle", "cosine", "constant"])
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--translate", type=int, help="max random shift in pixels")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")

@@ -8,8 +8,9 @@ by (seed, epoch), so a run resumed at an epoch boundary is bit-identical on the 
 that never stopped, without storing any RNG state.
 
 A time budget (`time_budget`, minutes) replaces `epochs`: the trainer times a few steps on
-a copy of itself, then fixes the number of epochs, and so the learning-rate schedule, for
-the whole run; a resumed run keeps that plan. With `ema`, validation and the final model
+a copy of itself, then fixes the number of epochs, and so the learning-rate schedule; after
+the first epoch it corrects that number once, at the pace the epoch really ran at (see
+Trainer.replan). A resumed run keeps the final plan. With `ema`, validation and the final model
 use an exponential moving average of the weights (WeightEMA).
 
 Under torchrun (WORLD_SIZE > 1, see cifarlab.distributed) every process trains its shard of
@@ -43,6 +44,7 @@ from cifarlab.fileio import atomic_write
 from cifarlab.modelfile import (Classifier, atomic_save_safetensors, build_classifier,
                                 input_statistics, make_meta, read_safetensors, save_model)
 from cifarlab.models import get_model_spec
+from cifarlab.optim import Muon
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 CHECKPOINT_KEY = "cifarlab-checkpoint"
@@ -70,12 +72,14 @@ class TrainConfig:
     arch_args: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     batch_size: int | None = None
-    optimizer: str | None = None  # "sgd" or "adam"
+    optimizer: str | None = None  # "sgd", "muon" (Muon on conv filters, SGD on the rest) or "adam"
     lr: float | None = None
     momentum: float | None = None
+    filter_lr: float | None = None  # muon: peak lr of the orthogonalized conv filter updates
+    filter_momentum: float | None = None  # muon: momentum of the conv filters' updates
     nesterov: bool | None = None
     weight_decay: float | None = None
-    schedule: str | None = None  # "triangle", "onecycle", "cosine" or "constant"
+    schedule: str | None = None  # one of SCHEDULES
     bias_lr_scale: float | None = None  # BatchNorm biases train at lr x this (weight decay / this)
     lookahead: bool | None = None  # pull the weights towards their running average (see Lookahead)
     label_smoothing: float | None = None
@@ -101,7 +105,9 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.optimizer in (None, "sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}"),
+            (self.optimizer in (None,) + OPTIMIZERS,
+             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.filter_lr is None or self.filter_lr > 0, f"filter_lr must be positive, got {self.filter_lr}"),
             (self.schedule in (None,) + SCHEDULES,
              f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.bias_lr_scale is None or self.bias_lr_scale > 0,
@@ -167,7 +173,8 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-SCHEDULES = ("triangle", "onecycle", "cosine", "constant")
+SCHEDULES = ("triangle", "linear", "onecycle", "cosine", "constant")
+OPTIMIZERS = ("sgd", "muon", "adam")
 
 
 def lr_at(progress: float, peak: float, schedule: str) -> float:
@@ -177,6 +184,8 @@ def lr_at(progress: float, peak: float, schedule: str) -> float:
         if progress < rise:
             return peak * (0.2 + 0.8 * progress / rise)
         return peak * (1 - 0.93 * (progress - rise) / (1 - rise))
+    if schedule == "linear":  # airbench94_muon: from the peak straight down to 0
+        return peak * (1 - progress)
     if schedule == "constant":
         return peak
     if schedule == "cosine":
@@ -277,9 +286,11 @@ def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = parameter_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "muon":
+        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
-    raise CifarlabError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
+    raise CifarlabError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -290,7 +301,9 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     weights (airbench trains them 64x faster: a BN bias is one number per channel that the
     scale-free convolutions cannot take over). `lr_scale` multiplies the scheduled lr; the
     whitening bias's is set to 0 after the warm-up epochs (see Trainer.train_epoch).
-    Frozen parameters (the whitening filters, BatchNorm scales) are left out.
+    Frozen parameters (the whitening filters, BatchNorm scales) are left out. With the muon
+    optimizer the conv filters (4-D) form a group of their own, orthogonalized (see optim.py),
+    at filter_lr and filter_momentum; their norm is fixed, so they take no weight decay.
     """
     scale = cfg.bias_lr_scale
     biases = [m.bias for m in model.modules()
@@ -300,7 +313,12 @@ def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str,
     whiten_bias = [whiten.bias] if whiten is not None and whiten.bias is not None else []
     special = {id(p) for p in biases + whiten_bias}
     others = [p for p in model.parameters() if id(p) not in special]
+    filters = [p for p in others if p.ndim == 4] if cfg.optimizer == "muon" else []
+    others = [p for p in others if p.ndim != 4] if filters else others
     groups = [
+        {"params": [p for p in filters if p.requires_grad], "lr_scale": (cfg.filter_lr or cfg.lr) / cfg.lr,
+         "momentum": cfg.filter_momentum if cfg.filter_momentum is not None else cfg.momentum,
+         "weight_decay": 0.0, "orthogonalize": True},
         {"params": [p for p in others if p.requires_grad], "lr_scale": 1.0,
          "weight_decay": cfg.weight_decay},
         {"params": [p for p in biases if p.requires_grad], "lr_scale": scale,
@@ -391,7 +409,7 @@ class Trainer:
         # A copy: the split may be a read-only view of the memory-mapped cache, and training
         # should read RAM, not page the cache in from disk during the first epoch.
         return (torch.from_numpy(np.array(x, copy=True, order="C")).to(self.device),
-                torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device))
+                torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device))
 
     def _model_meta(self, train_x: np.ndarray) -> dict[str, Any]:
         ds, cfg = self.dataset, self.cfg
@@ -416,14 +434,38 @@ class Trainer:
         # Time spent so far, plus room for `cifarlab evaluate --tta flip+translate` on the test
         # split afterwards (six forward passes per image, through Classifier.predict_logits,
         # which runs in float32: up to 3x slower than the bf16 validation pass on a CPU).
-        fixed_s = time.perf_counter() - self.started + 6 * len(self.dataset.test_y) * test_image_s
+        final_eval_s = 6 * len(self.dataset.test_y) * test_image_s
+        fixed_s = time.perf_counter() - self.started + final_eval_s
         if self.cfg.compile:  # the run's own model compiles again on its first step
             fixed_s += first_step_s
         epochs = plan_epochs(60 * self.cfg.time_budget, epoch_s, fixed_s)
         if self.progress:
             tqdm.write(f"planned {epochs} epochs: {epoch_s:.1f} s/epoch measured, "
                        f"{self.cfg.time_budget:g} min budget")
-        plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3)}
+        plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3),
+                "final_eval_seconds": round(final_eval_s, 3)}
+        return replace(self.cfg, epochs=epochs, plan=plan)
+
+    def replan(self, first_epoch_s: float) -> TrainConfig:
+        """The plan corrected after the first epoch, at the pace that epoch really ran at.
+
+        A few probe steps mis-estimate an epoch by 5-15% either way on a CPU (allocator and
+        cache warm-up, a neighbour's load), which is one or two epochs of a 10-minute budget:
+        lost time, or an overrun. The first epoch's learning rates followed the first plan;
+        the schedule then continues as a fraction of the corrected total. The checkpoint
+        written after this epoch records the final plan, so a resumed run never re-plans.
+        """
+        plan = self.cfg.plan
+        fixed_s = time.perf_counter() - self.started + plan.get("final_eval_seconds", 0.0)
+        try:
+            more = plan_epochs(60 * self.cfg.time_budget, PLAN_MARGIN * first_epoch_s, fixed_s)
+        except CifarlabError:  # nothing more fits: stop after this epoch
+            more = 0
+        epochs = 1 + more
+        if self.progress and epochs != self.cfg.epochs:
+            tqdm.write(f"re-planned: {epochs} epochs instead of {self.cfg.epochs} "
+                       f"(the first took {first_epoch_s:.1f} s)")
+        plan = {**plan, "first_epoch_seconds": round(first_epoch_s, 3), "first_plan_epochs": self.cfg.epochs}
         return replace(self.cfg, epochs=epochs, plan=plan)
 
     def measure(self) -> tuple[float, float, float, float, float]:
@@ -470,17 +512,27 @@ class Trainer:
         main = distributed.is_main()
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "config.json", (json.dumps(asdict(self.cfg), indent=2) + "\n").encode())
+            self.write_config()
         if self.progress:
             tqdm.write(f"run folder: {self.run_dir}  ({self.cfg.model} on {self.device}, "
                        f"{len(self.train_y):,} training images, {len(self.val_y):,} validation)")
-        for epoch in range(len(self.history) + 1, self.cfg.epochs + 1):
+        epoch = len(self.history)
+        while epoch < self.cfg.epochs:
+            epoch += 1
+            epoch_start = time.perf_counter()
             row = self.train_epoch(epoch)
             row.update(self.evaluate_val())
             self.history.append(row)
             if main:
                 self.write_history()
                 self.save_checkpoint()
+            if epoch == 1 and self.cfg.plan is not None and "first_epoch_seconds" not in self.cfg.plan:
+                # Every rank follows rank 0's correction (as with the first plan).
+                seconds = time.perf_counter() - epoch_start
+                self.cfg = distributed.broadcast_object(self.replan(seconds) if main else None)
+                if main:  # the final plan, also in the checkpoint a resumed run starts from
+                    self.write_config()
+                    self.save_checkpoint()
             if self.progress:
                 tqdm.write(format_row(row, self.cfg.epochs))
         result = self.finish()
@@ -581,6 +633,9 @@ class Trainer:
         return {"val_loss": loss_sum / len(self.val_y), "val_acc": correct / len(self.val_y)}
 
     # ---- files ----------------------------------------------------------------------------
+    def write_config(self) -> None:
+        atomic_write(self.run_dir / "config.json", (json.dumps(asdict(self.cfg), indent=2) + "\n").encode())
+
     def write_history(self) -> None:
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=HISTORY_COLUMNS)
