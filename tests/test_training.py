@@ -115,12 +115,19 @@ def test_resume_while_the_lookahead_runs_continues_to_the_same_model(tmp_path):
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     ds = synthetic_dataset()
-    cfg = dict(QUICK, epochs=1, amp="off")
+    # SGD, not the muon default: Muon's orthogonalisation lifts a gradient's small singular
+    # directions ~40x, rounding differences included, so after 100 steps its weights differ by
+    # a few percent between any two kernel choices (the loss still agrees, checked below).
+    cfg = dict(QUICK, epochs=1, amp="off", optimizer="sgd", schedule="triangle", lookahead=True)
     eager = train(TrainConfig(**cfg), dataset=ds, run_dir=tmp_path / "eager", progress=False)
     compiled = train(TrainConfig(**cfg, compile=True), dataset=ds, run_dir=tmp_path / "compiled", progress=False)
     we, wc = weights(eager.model_path), weights(compiled.model_path)
     # Fused kernels round differently; an epoch later the weights still agree closely.
     assert all(torch.allclose(we[k].float(), wc[k].float(), atol=1e-3, rtol=1e-2) for k in we)
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-3)
+    muon = dict(QUICK, epochs=1, amp="off")
+    eager = train(TrainConfig(**muon), dataset=ds, run_dir=tmp_path / "eager-muon", progress=False)
+    compiled = train(TrainConfig(**muon, compile=True), dataset=ds, run_dir=tmp_path / "compiled-muon", progress=False)
     assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"], rel=1e-3)
 
 

@@ -248,7 +248,7 @@ def _train_or_resume(args, progress: bool):
     if args.resume:
         return resume(args.resume, dataset=_resume_dataset(args, progress), epochs=args.epochs, progress=progress)
     cfg = TrainConfig(
-        data=args.data, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        data=args.data, resize=args.resize, bad_images=args.bad_images, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, label_smoothing=args.label_smoothing,
         translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,
@@ -263,11 +263,9 @@ def _train_or_resume(args, progress: bool):
 
 
 def _resume_dataset(args, progress: bool):
-    """The run's dataset loaded with --resize/--bad-images as given; None: resume() loads it plainly.
-
-    The checkpoint records the dataset but not how its images were imported, so a run trained
-    with --resize must be resumed with --resize too.
-    """
+    """The run's dataset loaded with --resize/--bad-images as given; None: resume() loads it as
+    the checkpoint's config recorded (runs from before cifarlab recorded these options need
+    the flags again)."""
     if not args.resize and args.bad_images == "refuse":
         return None
     from cifarlab.data import load_dataset

@@ -68,6 +68,10 @@ class TrainConfig:
     """Everything that defines a run. None means "take the model's recipe default"."""
 
     data: str = "cifar100"
+    # How the dataset's images were imported (load_dataset's options), so that `resume`
+    # loads it the same way: resize ImageFolder images of another size, skip undecodable ones.
+    resize: bool = False
+    bad_images: str = "refuse"
     model: str = "auto"  # "auto": airbench on CUDA, airbench-small on CPU
     arch_args: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
@@ -113,6 +117,7 @@ class TrainConfig:
             (self.bias_lr_scale is None or self.bias_lr_scale > 0,
              f"bias_lr_scale must be positive, got {self.bias_lr_scale}"),
             (self.fill in (None, "reflect", "edge"), f"fill must be reflect or edge, got {self.fill!r}"),
+            (self.bad_images in ("refuse", "skip"), f"--bad-images must be refuse or skip, got {self.bad_images!r}"),
             (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.amp in ("auto", "on", "off"), f"--amp must be auto, on or off, got {self.amp!r}"),
@@ -725,10 +730,15 @@ def default_run_dir(cfg: TrainConfig, dataset: Dataset, root: Path = Path("runs"
     return root / f"{dataset.name}-{cfg.model}-{stamp}"
 
 
+def load_run_dataset(cfg: TrainConfig, progress: bool = True) -> Dataset:
+    """The dataset a run trains on, imported with the run's --resize/--bad-images options."""
+    return load_dataset(cfg.data, progress=progress, resize=cfg.resize, bad_images=cfg.bad_images)
+
+
 def train(cfg: TrainConfig, *, dataset: Dataset | None = None, run_dir: str | Path | None = None,
           progress: bool = True) -> TrainResult:
     """Train a model as configured; returns the trained Classifier and where it was written."""
-    dataset = dataset if dataset is not None else load_dataset(cfg.data, progress=progress)
+    dataset = dataset if dataset is not None else load_run_dataset(cfg, progress)
     try:
         return Trainer(cfg, dataset, run_dir, progress).fit()
     finally:
@@ -751,7 +761,7 @@ def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int |
                              f"version can read ({exc}); start the run again") from None
     if epochs is not None:
         cfg.epochs = epochs
-    dataset = dataset if dataset is not None else load_dataset(cfg.data, progress=progress)
+    dataset = dataset if dataset is not None else load_run_dataset(cfg, progress)
     try:  # with torchrun, every rank reads the checkpoint (read-only)
         trainer = Trainer(cfg, dataset, checkpoint.parent, progress)
         trainer.load_checkpoint(tensors, state)
