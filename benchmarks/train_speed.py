@@ -354,7 +354,7 @@ def main() -> None:
         write_csv(args.out / "throughput.csv", rows)
         table, _ = throughput_table(rows)
         summary += ["## Training throughput: cifarlab's loop against a hand-written loop", "",
-                    f"{args.steps} timed steps after {args.warmup} warm-up, {args.repeats} alternating "
+                    f"{rows[0]['steps']} timed steps after {args.warmup} warm-up, {args.repeats} alternating "
                     "repetitions, median.", "", *table, ""]
         print("\n" + "\n".join(table))
 
