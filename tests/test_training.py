@@ -80,6 +80,7 @@ def test_same_seed_same_model_other_seed_other_model(tmp_path):
 
 
 def test_resume_continues_to_the_same_model(tmp_path):
+    # QUICK takes the recipe's optimizer, Muon: its per-filter momentum resumes too.
     ds = synthetic_dataset()
     full = train(TrainConfig(**QUICK), dataset=ds, run_dir=tmp_path / "full", progress=False)
     # Interrupt after epoch 1 by training a 1-epoch-long prefix of the same 3-epoch run...

@@ -448,11 +448,12 @@ class Trainer:
             tqdm.write(f"planned {epochs} epochs: {epoch_s:.1f} s/epoch measured, "
                        f"{self.cfg.time_budget:g} min budget")
         plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3),
-                "final_eval_seconds": round(final_eval_s, 3)}
+                "final_eval_seconds": round(final_eval_s, 3), "checkpoint_seconds": round(checkpoint_s, 3)}
         return replace(self.cfg, epochs=epochs, plan=plan)
 
     def replan(self, first_epoch_s: float) -> TrainConfig:
-        """The plan corrected after the first epoch, at the pace that epoch really ran at.
+        """The plan corrected after the first epoch, at the pace that epoch really ran at
+        (`first_epoch_s`: its training and validation, plus the measured checkpoint cost).
 
         A few probe steps mis-estimate an epoch by 5-15% either way on a CPU (allocator and
         cache warm-up, a neighbour's load), which is one or two epochs of a 10-minute budget:
@@ -528,16 +529,16 @@ class Trainer:
             row = self.train_epoch(epoch)
             row.update(self.evaluate_val())
             self.history.append(row)
+            if epoch == 1 and self.cfg.plan is not None and "first_epoch_seconds" not in self.cfg.plan:
+                # Before the checkpoint, so that it holds the final plan for a resume; every
+                # rank follows rank 0's correction (as with the first plan).
+                seconds = time.perf_counter() - epoch_start + self.cfg.plan.get("checkpoint_seconds", 0.0)
+                self.cfg = distributed.broadcast_object(self.replan(seconds) if main else None)
+                if main:
+                    self.write_config()
             if main:
                 self.write_history()
                 self.save_checkpoint()
-            if epoch == 1 and self.cfg.plan is not None and "first_epoch_seconds" not in self.cfg.plan:
-                # Every rank follows rank 0's correction (as with the first plan).
-                seconds = time.perf_counter() - epoch_start
-                self.cfg = distributed.broadcast_object(self.replan(seconds) if main else None)
-                if main:  # the final plan, also in the checkpoint a resumed run starts from
-                    self.write_config()
-                    self.save_checkpoint()
             if self.progress:
                 tqdm.write(format_row(row, self.cfg.epochs))
         result = self.finish()
