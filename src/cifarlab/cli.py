@@ -248,7 +248,8 @@ def _train_or_resume(args, progress: bool):
     if args.resume:
         return resume(args.resume, dataset=_resume_dataset(args, progress), epochs=args.epochs, progress=progress)
     cfg = TrainConfig(
-        data=args.data, resize=args.resize, bad_images=args.bad_images, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        data=args.data, resize=args.resize, bad_images=args.bad_images,
+        model=args.model, epochs=args.epochs, batch_size=args.batch_size,
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, label_smoothing=args.label_smoothing,
         translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,

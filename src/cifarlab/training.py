@@ -455,9 +455,9 @@ class Trainer:
         """The plan corrected after the first epoch, at the pace that epoch really ran at
         (`first_epoch_s`: its training and validation, plus the measured checkpoint cost).
 
-        A few probe steps mis-estimate an epoch by 5-15% either way on a CPU (allocator and
-        cache warm-up, a neighbour's load), which is one or two epochs of a 10-minute budget:
-        lost time, or an overrun. The first epoch's learning rates followed the first plan;
+        A few probe steps misjudge an epoch by up to ~10% on a CPU (allocator and cache
+        warm-up, a neighbour's load; 1-9% in the README's runs), which with the plan's margin
+        is one or two epochs of a 10-minute budget: lost time, or an overrun. The first epoch's learning rates followed the first plan;
         the schedule then continues as a fraction of the corrected total. The checkpoint
         written after this epoch records the final plan, so a resumed run never re-plans.
         """
