@@ -651,7 +651,6 @@ def _expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> 
     """Sum over equal-width bins of |accuracy - mean confidence|, weighted by the bin's share of samples."""
     # Bins are (0, 1/15], (1/15, 2/15], ...; a confidence of exactly 0 joins the first bin.
     bins = np.clip(np.ceil(confidence * ECE_BINS).astype(np.int64) - 1, 0, ECE_BINS - 1)
-    counts = np.bincount(bins, minlength=ECE_BINS)
     conf_sum = np.bincount(bins, weights=confidence, minlength=ECE_BINS)
     correct_sum = np.bincount(bins, weights=correct.astype(np.float64), minlength=ECE_BINS)
     return float(np.abs(correct_sum - conf_sum).sum() / confidence.size)
