@@ -261,7 +261,7 @@ def measure_throughput(args, dataset) -> list[dict]:
 def throughput_table(rows: list[dict]) -> tuple[list[str], float]:
     speeds = {loop: [r["images_per_s"] for r in rows if r["loop"] == loop] for loop in ("cifarlab", "hand")}
     median = {loop: statistics.median(v) for loop, v in speeds.items()}
-    # The verdict uses the ratio within each repetition (two runs minutes apart), whose median
+    # The verdict uses the ratio within each repetition (two runs back to back), whose median
     # is steadier on a noisy machine than the ratio of the two loops' separate medians.
     paired = [a / b for a, b in zip(speeds["cifarlab"], speeds["hand"])]
     ratio = statistics.median(paired)
