@@ -70,7 +70,7 @@ def train_and_test(dataset, epochs: int, seed: int, run_dir: Path, max_train_ima
     plain = float((model.predict_logits(dataset.test_x).argmax(1) == dataset.test_y).mean())
     tta = float((predict_logits_tta(model, dataset.test_x, "flip+translate").argmax(1) == dataset.test_y).mean())
     return {"model": trainer.cfg.model, "epochs": epochs, "test_acc": round(plain, 4),
-            "test_acc_tta": round(tta, 4), "train_s": round(seconds, 1)}
+            "test_acc_tta": round(tta, 4), "fit_s": round(seconds, 1)}
 
 
 def main() -> None:
@@ -105,9 +105,9 @@ def main() -> None:
                                                      args.max_train_images)})
         print(f"  {name}: {rows[-1]}", flush=True)
 
-    lines = ["| data | model | epochs | test acc | with TTA | train s |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| data | model | epochs | test acc | with TTA | fit s |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['data']} | {r['model']} | {r['epochs']} | {r['test_acc']:.2%} | {r['test_acc_tta']:.2%} | "
-              f"{r['train_s']:.0f} |" for r in rows]
+              f"{r['fit_s']:.0f} |" for r in rows]
     cost = rows[0]["test_acc_tta"] - rows[1]["test_acc_tta"]
     lines += ["", f"accuracy lost to the second JPEG step (TTA): {cost:.2%}"]
     print("\n" + "\n".join(lines))
