@@ -39,6 +39,7 @@ from tqdm import tqdm
 from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
+from cifarlab.data.imagefolder import BAD_IMAGE_POLICIES
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.fileio import atomic_write
 from cifarlab.modelfile import (Classifier, atomic_save_safetensors, build_classifier,
@@ -117,7 +118,8 @@ class TrainConfig:
             (self.bias_lr_scale is None or self.bias_lr_scale > 0,
              f"bias_lr_scale must be positive, got {self.bias_lr_scale}"),
             (self.fill in (None, "reflect", "edge"), f"fill must be reflect or edge, got {self.fill!r}"),
-            (self.bad_images in ("refuse", "skip"), f"--bad-images must be refuse or skip, got {self.bad_images!r}"),
+            (self.bad_images in BAD_IMAGE_POLICIES,
+             f"--bad-images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.bad_images!r}"),
             (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.amp in ("auto", "on", "off"), f"--amp must be auto, on or off, got {self.amp!r}"),
@@ -457,8 +459,9 @@ class Trainer:
 
         A few probe steps misjudge an epoch by up to ~10% on a CPU (allocator and cache
         warm-up, a neighbour's load; 1-9% in the README's runs), which with the plan's margin
-        is one or two epochs of a 10-minute budget: lost time, or an overrun. The first epoch's learning rates followed the first plan;
-        the schedule then continues as a fraction of the corrected total. The checkpoint
+        is one or two epochs of a 10-minute budget: lost time, or an overrun. The first
+        epoch's learning rates followed the first plan; the schedule then continues as a
+        fraction of the corrected total. The checkpoint
         written after this epoch records the final plan, so a resumed run never re-plans.
         """
         plan = self.cfg.plan
