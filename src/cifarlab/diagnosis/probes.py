@@ -11,6 +11,7 @@ comparison of the inputs with them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -69,35 +70,77 @@ def _undo_planar_reshape(x: np.ndarray) -> np.ndarray:
     return x.reshape(n, h * w * c).reshape(n, c, h, w).transpose(0, 2, 3, 1)
 
 
-# name -> transform of the user's images. "as-given" is always first.
-PROBES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "as-given": lambda x: x,
-    "divide-by-255": lambda x: x / 255.0,
-    "multiply-by-255": lambda x: x * 255.0,
-    "scale-to-minus1-1": lambda x: x / 127.5 - 1.0,
-    "from-minus1-1": lambda x: (x + 1.0) / 2.0,  # to 0..1; run_probes rescales to the model's range
-    "standardize-cifar": _standardize(CIFAR_MEAN, CIFAR_STD),
-    "standardize-imagenet": _standardize(IMAGENET_MEAN, IMAGENET_STD),
-    "unstandardize-cifar": _unstandardize(CIFAR_MEAN, CIFAR_STD),
-    "unstandardize-imagenet": _unstandardize(IMAGENET_MEAN, IMAGENET_STD),
-    "swap-rgb-bgr": _swap_rgb_bgr,
-    "nhwc-to-nchw": lambda x: x.transpose(0, 3, 1, 2),
-    "nchw-to-nhwc": lambda x: x.transpose(0, 2, 3, 1),
-    "undo-planar-reshape": _undo_planar_reshape,
-}
+@dataclass(frozen=True)
+class Probe:
+    """One classic mistake and the transform of the user's images that undoes it.
 
-# Probes whose output is an image on the 0..1 scale, to be brought to the model's own range.
-_UNIT_OUTPUT = {"from-minus1-1", "unstandardize-cifar", "unstandardize-imagenet"}
-_LAYOUT_PROBES = {"nhwc-to-nchw", "nchw-to-nhwc", "undo-planar-reshape"}
+    `finding`: the finding id a successful probe gives; `cause`: the title's first half,
+    what was wrong; `action`: what the probe does, for "... raises accuracy from A to B";
+    `mistake`: the mistake in a few words, for a finding that names two; `unit_output`: the
+    transform gives a 0..1 image, which run_probes brings to the model's own range.
+    """
 
-FINDING_ID = {
-    "divide-by-255": "input-scale", "multiply-by-255": "input-scale",
-    "scale-to-minus1-1": "input-scale", "from-minus1-1": "input-scale",
-    "standardize-cifar": "input-normalization", "standardize-imagenet": "input-normalization",
-    "unstandardize-cifar": "input-normalization", "unstandardize-imagenet": "input-normalization",
-    "swap-rgb-bgr": "channel-order",
-    "nhwc-to-nchw": "input-layout", "nchw-to-nhwc": "input-layout", "undo-planar-reshape": "input-layout",
-}
+    name: str
+    transform: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    finding: str = ""
+    cause: str = ""
+    action: str = ""
+    mistake: str = ""
+    unit_output: bool = False
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.transform(x)
+
+    @property
+    def stage(self) -> int:
+        """Where the correction goes in a pipeline: layout first, then channel order, then values."""
+        return {"input-layout": 0, "channel-order": 1}.get(self.finding, 2)
+
+
+_ALL_PROBES = (
+    Probe("as-given", lambda x: x),
+    Probe("divide-by-255", lambda x: x / 255.0, "input-scale",
+          "Evaluation inputs are 255x larger than the model expects", "dividing them by 255",
+          "pixels not divided by 255"),
+    Probe("multiply-by-255", lambda x: x * 255.0, "input-scale",
+          "Evaluation inputs are 255x smaller than the model expects (/255 applied twice?)",
+          "multiplying them by 255", "pixels divided by 255 twice"),
+    Probe("scale-to-minus1-1", lambda x: x / 127.5 - 1.0, "input-scale",
+          "The model expects pixels scaled to -1..1, but got 0..255", "scaling them to -1..1",
+          "pixels not scaled to -1..1"),
+    Probe("from-minus1-1", lambda x: (x + 1.0) / 2.0, "input-scale",
+          "Evaluation inputs are scaled to -1..1, which the model was not trained on",
+          "mapping them back from -1..1", "pixels scaled to -1..1", unit_output=True),
+    Probe("standardize-cifar", _standardize(CIFAR_MEAN, CIFAR_STD), "input-normalization",
+          "The model expects standardised (mean/std-normalised) inputs, but they are not",
+          "standardising them", "inputs not standardised"),
+    Probe("standardize-imagenet", _standardize(IMAGENET_MEAN, IMAGENET_STD), "input-normalization",
+          "The model expects ImageNet-standardised inputs, but they are not", "standardising them",
+          "inputs not ImageNet-standardised"),
+    Probe("unstandardize-cifar", _unstandardize(CIFAR_MEAN, CIFAR_STD), "input-normalization",
+          "Evaluation inputs are mean/std-normalised, but the model was not trained that way",
+          "undoing the normalisation", "a mean/std normalisation the model was not trained on",
+          unit_output=True),
+    Probe("unstandardize-imagenet", _unstandardize(IMAGENET_MEAN, IMAGENET_STD), "input-normalization",
+          "Evaluation inputs are ImageNet-normalised, but the model was not trained that way",
+          "undoing the normalisation", "an ImageNet normalisation the model was not trained on",
+          unit_output=True),
+    Probe("swap-rgb-bgr", _swap_rgb_bgr, "channel-order",
+          "Evaluation inputs are BGR, but the model was trained on RGB", "swapping the channels",
+          "BGR instead of RGB"),
+    Probe("nhwc-to-nchw", lambda x: x.transpose(0, 3, 1, 2), "input-layout",
+          "Evaluation inputs are NHWC (channels last), but the model takes NCHW", "transposing them",
+          "NHWC instead of NCHW"),
+    Probe("nchw-to-nhwc", lambda x: x.transpose(0, 2, 3, 1), "input-layout",
+          "Evaluation inputs are NCHW (channels first), but the model takes NHWC", "transposing them",
+          "NCHW instead of NHWC"),
+    Probe("undo-planar-reshape", _undo_planar_reshape, "input-layout",
+          "Evaluation images were reshaped from CIFAR's planar rows without a transpose",
+          "reshaping them correctly", "planar CIFAR rows reshaped without a transpose"),
+)
+# name -> probe. "as-given" is always first. Adding a probe is one entry above, plus its
+# precondition and fix below when it has any.
+PROBES: dict[str, Probe] = {probe.name: probe for probe in _ALL_PROBES}
 
 
 def _precondition(name: str, x: np.ndarray, runner: ModelRunner) -> str | None:
@@ -108,7 +151,7 @@ def _precondition(name: str, x: np.ndarray, runner: ModelRunner) -> str | None:
     """
     lo, hi = float(x.min()), float(x.max())
     axis, layout = channel_axis(x), runner.input_spec.get("layout")
-    if axis is None and FINDING_ID.get(name) in ("input-normalization", "channel-order"):
+    if axis is None and PROBES[name].finding in ("input-normalization", "channel-order"):
         return "no axis holds 3 channels"  # per-channel mean/std and RGB order need one
     rules = {
         "divide-by-255": (hi > 1.5, "the values are not larger than 1"),
@@ -187,7 +230,11 @@ def run_probes(runner: ModelRunner, images: np.ndarray, labels: np.ndarray | Non
 
     Rows: {"name", "accuracy" (None without labels), "pred_entropy", "classes_predicted",
     "mean_confidence", "agreement_with_as_given", "fix", "n_images"}, plus "skipped": reason
-    for a probe that could not run. "as-given" is first.
+    for a probe that could not run. "as-given" is first. After the single probes come pairs
+    ("divide-by-255+swap-rgb-bgr", with "steps"), for two mistakes made at once: the best
+    single correction of each stage that moved the predictions, followed or preceded by each
+    correction of another stage (see `_pairs`). A pair row also has "best_single" (the better
+    of its two steps alone) and the agreement with its predictions.
     """
     images = np.asarray(images)
     if labels is not None and len(labels) != len(images):
@@ -195,35 +242,132 @@ def run_probes(runner: ModelRunner, images: np.ndarray, labels: np.ndarray | Non
     keep = sample_indices(len(images), max_images)
     given = images[keep]
     y = None if labels is None else np.asarray(labels)[keep]
+    # Every probe first runs on a small screen sample; only those that moved the predictions
+    # run again on the whole sample (most probes change nothing, and this halves the cost).
+    screen = sample_indices(len(given), SCREEN_IMAGES, seed=1)
+    rows = _probe_rows(runner, given[screen], None if y is None else y[screen])
+    if len(screen) < len(given):
+        again = _promising(rows, labels_given=y is not None)
+        full = {row["name"]: row for row in _probe_rows(runner, given, y, only=again)}
+        rows = [full.get(row["name"], row) for row in rows]
+    for row in rows:
+        row["n_total"] = len(images)
+    return rows
+
+
+SCREEN_IMAGES = 500
+
+
+def _probe_rows(runner: ModelRunner, given: np.ndarray, y: np.ndarray | None,
+                only: set[str] | None = None) -> list[dict[str, Any]]:
+    """Rows for the single probes and then the pairs (`only`: just these names, pairs included)."""
     floats = given.astype(np.float32)
     rows: list[dict[str, Any]] = []
-    baseline: np.ndarray | None = None
+    preds: dict[str, np.ndarray] = {}
     for name in PROBES:
-        row, preds = _run_one(name, given, floats, runner, y, baseline)
-        if name == "as-given":
-            baseline = preds
+        if only is not None and name not in only:
+            continue
+        row, pred = _run_steps((name,), given, floats, runner, y, preds.get("as-given"))
+        rows.append(row)
+        if pred is not None:
+            preds[name] = pred
+    pairs = _pairs(rows, labels_given=y is not None) if only is None else \
+        [tuple(name.split("+")) for name in only if "+" in name]
+    for steps in pairs:
+        row, pred = _run_steps(steps, given, floats, runner, y, preds.get("as-given"))
+        if pred is None:
+            continue  # a pair that cannot run says nothing its single steps did not
+        key = "accuracy" if y is not None else "pred_entropy"
+        single = max((r for r in rows if r["name"] in steps and r["name"] in preds), key=lambda r: r[key],
+                     default=None)
+        if single is None:
+            continue  # neither step ran alone (e.g. a transpose the model needs before any value fix)
+        row.update(best_single=single["name"], single_accuracy=single["accuracy"],
+                   single_pred_entropy=single["pred_entropy"],
+                   agreement_with_best_single=float((pred == preds[single["name"]]).mean()))
         rows.append(row)
     return rows
 
 
-def _run_one(name: str, given: np.ndarray, floats: np.ndarray, runner: ModelRunner,
-             labels: np.ndarray | None, baseline: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray | None]:
-    row: dict[str, Any] = {"name": name, "accuracy": None, "pred_entropy": None, "classes_predicted": None,
-                           "mean_confidence": None, "agreement_with_as_given": None, "fix": None,
-                           "n_images": len(given)}
-    if name == "as-given":
+def _promising(rows: list[dict[str, Any]], labels_given: bool) -> set[str]:
+    """The probes (and the steps of pairs) worth running on the whole sample."""
+    threshold = PAIR_MOVED_ACCURACY if labels_given else PAIR_MOVED_ENTROPY
+    key, min_gain = ("accuracy", PAIR_MIN_GAIN_ACCURACY) if labels_given else ("pred_entropy", PAIR_MIN_GAIN_ENTROPY)
+    names = {"as-given"}
+    for row in rows[1:]:
+        if "steps" in row:  # a pair: worth it when it beats its better step on the screen too
+            if row[key] >= row[f"single_{key}"] + min_gain / 2:
+                names.update([row["name"], *row["steps"]])
+        elif _moved(row, rows[0], labels_given) >= threshold:
+            names.add(row["name"])
+    return names
+
+
+# A single correction "moved" the predictions when it raised accuracy (with labels) or the
+# entropy of the predicted classes (without) by at least this much; only such corrections
+# are tried in pairs, and run again on the whole sample after the screen.
+PAIR_MOVED_ACCURACY, PAIR_MOVED_ENTROPY = 0.02, 0.05
+
+
+def _moved(row: dict[str, Any], as_given: dict[str, Any], labels_given: bool) -> float:
+    """How much a probe improved the predictions: accuracy, or entropy without labels (0: skipped).
+
+    Only improvements count: a correction that makes things worse is no part of the fix.
+    """
+    if row.get("skipped"):
+        return 0.0
+    if as_given.get("skipped"):
+        return 1.0 + (row["accuracy"] or 0.0 if labels_given else row["pred_entropy"])
+    key = "accuracy" if labels_given else "pred_entropy"
+    return row[key] - as_given[key]
+
+
+def _pairs(rows: list[dict[str, Any]], labels_given: bool) -> list[tuple[str, str]]:
+    """(first, second) steps in pipeline order: each stage's best mover with every probe of the others."""
+    as_given = rows[0]
+    threshold = PAIR_MOVED_ACCURACY if labels_given else PAIR_MOVED_ENTROPY
+    ran = [r for r in rows[1:] if not r.get("skipped")]
+    best_of_stage: dict[int, dict[str, Any]] = {}
+    for row in ran:
+        stage, moved = PROBES[row["name"]].stage, _moved(row, as_given, labels_given)
+        if moved >= threshold and (stage not in best_of_stage
+                                   or moved > _moved(best_of_stage[stage], as_given, labels_given)):
+            best_of_stage[stage] = row
+    pairs: list[tuple[str, str]] = []
+    for mover in best_of_stage.values():
+        for name, probe in PROBES.items():
+            if name == "as-given" or probe.stage == PROBES[mover["name"]].stage:
+                continue
+            steps = tuple(sorted((mover["name"], name), key=lambda n: PROBES[n].stage))
+            if steps not in pairs:
+                pairs.append(steps)  # type: ignore[arg-type]
+    return pairs
+
+
+def _run_steps(steps: tuple[str, ...], given: np.ndarray, floats: np.ndarray, runner: ModelRunner,
+               labels: np.ndarray | None, baseline: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Run the model on the images after `steps` (one probe, or two in pipeline order)."""
+    row: dict[str, Any] = {"name": "+".join(steps), "accuracy": None, "pred_entropy": None,
+                           "classes_predicted": None, "mean_confidence": None, "agreement_with_as_given": None,
+                           "fix": None, "n_images": len(given)}
+    if len(steps) > 1:
+        row["steps"] = list(steps)
+    if steps == ("as-given",):
         batch = given  # exactly what the user fed; the runner only casts the dtype
     else:
-        reason = _precondition(name, floats, runner)
-        if reason is None:
-            batch = PROBES[name](floats)
-            if name in _UNIT_OUTPUT:
-                batch = _to_model_range(batch, runner)
-            reason = _fits_model(batch, runner)
+        batch, reason = floats, None
+        for name in steps:
+            reason = _precondition(name, batch, runner)
+            if reason is not None:
+                break
+            batch = PROBES[name](batch)
+            batch = _to_model_range(batch, runner) if PROBES[name].unit_output else batch
+        reason = reason or _fits_model(batch, runner)
         if reason is not None:
             return {**row, "skipped": reason}, None
         batch = _cast(batch, runner)
-        row["fix"] = probe_fix(name, runner, floats)
+        row["fix"] = "; ".join(probe_fix(name, runner, floats).split("  #")[0] if len(steps) > 1
+                               else probe_fix(name, runner, floats) for name in steps)
     try:
         logits = runner.logits(batch)
     except InputError as exc:
@@ -256,7 +400,7 @@ def _fmt(values: tuple[float, ...] | list[float], digits: int = 3) -> str:
 def probe_fix(name: str, runner: ModelRunner, floats: np.ndarray | None = None) -> str:
     """The one-line fix in code that a successful probe stands for."""
     pre = runner.input_spec.get("preprocessing") or {}
-    if pre.get("applied_by") == "model" and FINDING_ID.get(name) in ("input-scale", "input-normalization"):
+    if pre.get("applied_by") == "model" and PROBES[name].finding in ("input-scale", "input-normalization"):
         does = "divides by 255" if pre.get("kind") == "scale" else "standardises them"
         return f"pass the raw uint8 images (0..255, no scaling or normalisation); the model {does} itself"
     pixels = floats is not None and float(floats.max()) > 1.5
@@ -292,31 +436,6 @@ def _standardize_fix(pre: dict[str, Any], mean: tuple[float, ...], std: tuple[fl
     return f"x = ({scale} - {_fmt(mean)}) / {_fmt(std)}  # the model was trained on standardised inputs"
 
 
-_CAUSES = {
-    "divide-by-255": "Evaluation inputs are 255x larger than the model expects",
-    "multiply-by-255": "Evaluation inputs are 255x smaller than the model expects (/255 applied twice?)",
-    "scale-to-minus1-1": "The model expects pixels scaled to -1..1, but got 0..255",
-    "from-minus1-1": "Evaluation inputs are scaled to -1..1, which the model was not trained on",
-    "standardize-cifar": "The model expects standardised (mean/std-normalised) inputs, but they are not",
-    "standardize-imagenet": "The model expects ImageNet-standardised inputs, but they are not",
-    "unstandardize-cifar": "Evaluation inputs are mean/std-normalised, but the model was not trained that way",
-    "unstandardize-imagenet": "Evaluation inputs are ImageNet-normalised, but the model was not trained that way",
-    "swap-rgb-bgr": "Evaluation inputs are BGR, but the model was trained on RGB",
-    "nhwc-to-nchw": "Evaluation inputs are NHWC (channels last), but the model takes NCHW",
-    "nchw-to-nhwc": "Evaluation inputs are NCHW (channels first), but the model takes NHWC",
-    "undo-planar-reshape": "Evaluation images were reshaped from CIFAR's planar rows without a transpose",
-}
-
-_ACTIONS = {
-    "divide-by-255": "dividing them by 255", "multiply-by-255": "multiplying them by 255",
-    "scale-to-minus1-1": "scaling them to -1..1", "from-minus1-1": "mapping them back from -1..1",
-    "standardize-cifar": "standardising them", "standardize-imagenet": "standardising them",
-    "unstandardize-cifar": "undoing the normalisation", "unstandardize-imagenet": "undoing the normalisation",
-    "swap-rgb-bgr": "swapping the channels", "nhwc-to-nchw": "transposing them",
-    "nchw-to-nhwc": "transposing them", "undo-planar-reshape": "reshaping them correctly",
-}
-
-
 # ---- probe findings ------------------------------------------------------------------------
 
 def probe_findings(probes: list[dict[str, Any]], labels_given: bool) -> list[Finding]:
@@ -336,15 +455,32 @@ def probe_findings(probes: list[dict[str, Any]], labels_given: bool) -> list[Fin
     as_given = next((p for p in probes if p["name"] == "as-given"), None)
     if as_given is None:
         return []
+    by_name = {p["name"]: p for p in probes}
     best: dict[str, Finding] = {}
     for probe in probes:
         if probe["name"] == "as-given" or probe.get("skipped"):
             continue
+        pair = "steps" in probe
+        if pair and not _beats_single(probe, by_name[probe["best_single"]], labels_given):
+            continue  # one of its steps alone does as well: only that one is a mistake
         finding = _judge(probe, as_given, labels_given)
-        cause = FINDING_ID[probe["name"]]
+        cause = "two-mistakes" if pair else PROBES[probe["name"]].finding
         if finding is not None and (cause not in best or finding.score > best[cause].score):
             best[cause] = finding
     return _drop_partial_corrections(sorted(best.values(), key=lambda f: -f.score), labels_given)
+
+
+# A pair of corrections is two mistakes only when it beats the better of its steps alone by
+# this much (accuracy with labels, entropy without), beyond noise.
+PAIR_MIN_GAIN_ACCURACY, PAIR_MIN_GAIN_ENTROPY = 0.05, 0.10
+
+
+def _beats_single(pair: dict[str, Any], single: dict[str, Any], labels_given: bool) -> bool:
+    if not labels_given:
+        return pair["pred_entropy"] >= single["pred_entropy"] + PAIR_MIN_GAIN_ENTROPY
+    gain = pair["accuracy"] - single["accuracy"]
+    changed = 1.0 - pair["agreement_with_best_single"]
+    return gain >= PAIR_MIN_GAIN_ACCURACY and gain > 4 * np.sqrt(max(changed, 1e-9) / pair["n_images"])
 
 
 def _drop_partial_corrections(findings: list[Finding], labels_given: bool) -> list[Finding]:
@@ -406,13 +542,30 @@ def _significant(probe: dict[str, Any], as_given: dict[str, Any]) -> bool:
     return gain > 4 * np.sqrt(max(changed, 1e-9) / n)
 
 
+def _sample_note(probe: dict[str, Any]) -> str:
+    """" (on a sample of 2,000 of the 10,000 images)" when the probes ran on a sample."""
+    n, total = probe.get("n_images"), probe.get("n_total")
+    return f" (on a sample of {n:,} of the {total:,} images)" if n and total and n < total else ""
+
+
 def _finding(probe: dict[str, Any], as_given: dict[str, Any], severity: str, change: str,
              score: float, labels_given: bool) -> Finding:
     name = probe["name"]
-    title = f"{_CAUSES[name]}: {_ACTIONS[name]} {change}"
+    steps = [PROBES[step] for step in probe.get("steps", [name])]
+    action = " and ".join(step.action for step in steps)
+    effect = f"{action} {change}{_sample_note(probe)}"
+    if len(steps) == 1:
+        title, finding_id = f"{steps[0].cause}: {effect}", steps[0].finding
+    else:
+        single = probe["best_single"]
+        title = (f"Two mistakes in the evaluation inputs, {steps[0].mistake} and {steps[1].mistake}: {effect}; "
+                 f"{PROBES[single].action} alone reaches "
+                 + (f"{probe['single_accuracy']:.1%}" if labels_given else
+                    f"entropy {probe['single_pred_entropy']:.2f}"))
+        finding_id = "two-mistakes"
     evidence = {
         "transform": name,
-        "effect": f"{_ACTIONS[name]} {change}",
+        "effect": effect,
         "accuracy_as_given": as_given.get("accuracy"),
         "accuracy_corrected": probe["accuracy"],
         "pred_entropy_as_given": as_given.get("pred_entropy"),
@@ -422,14 +575,21 @@ def _finding(probe: dict[str, Any], as_given: dict[str, Any], severity: str, cha
         "mean_confidence_as_given": as_given.get("mean_confidence"),
         "mean_confidence_corrected": probe["mean_confidence"],
         "agreement_with_as_given": probe.get("agreement_with_as_given"),
+        "n_images": probe.get("n_images"),
     }
+    if len(steps) > 1:
+        evidence.update({"steps": probe["steps"], "best_single": probe["best_single"],
+                         "accuracy_best_single": probe.get("single_accuracy")})
     if as_given.get("skipped"):
         evidence["as_given_error"] = as_given["skipped"]
     measured = "accuracy on the labels given" if labels_given else "the spread and confidence of predictions"
     detail = (f"The model was re-run on the same images after '{name}'. Judged by {measured}, the "
-              f"corrected images work far better than the images as given, so this correction undoes "
-              f"the mistake made when the evaluation inputs were prepared.")
-    return Finding(FINDING_ID[name], severity, title, detail, evidence, probe.get("fix") or "", score)
+              f"corrected images work far better than the images as given, so "
+              + ("this correction undoes the mistake made when the evaluation inputs were prepared."
+                 if len(steps) == 1 else
+                 "these two corrections together undo the mistakes made when the evaluation inputs were "
+                 "prepared; either one alone does clearly worse."))
+    return Finding(finding_id, severity, title, detail, evidence, probe.get("fix") or "", score)
 
 
 # ---- inputs vs training statistics ---------------------------------------------------------
@@ -514,11 +674,13 @@ def _range_finding(images: np.ndarray, given: dict[str, np.ndarray], expected: d
         larger = ratio > 1
         factor = ratio if larger else 1 / ratio
         probe = "divide-by-255" if larger else "multiply-by-255"
-        what = f"{factor:.0f}x {'larger' if larger else 'smaller'}"
-        if not larger and g_std <= 1:
-            what += ": scaled to 0..1, probably /255 applied twice or by a model that does it itself"
-        return Finding("input-scale", "error", f"Evaluation inputs are {what} than the model's training inputs",
-                       f"The {said}.", evidence, probe_fix(probe, runner, images), 0.8)
+        # A std ratio of 240-270 is the /255 mistake; say the factor the fix uses.
+        shown = "255" if 200 <= factor <= 330 else f"about {factor:.0f}"
+        why = (" They look scaled to 0..1: /255 applied twice, or by a caller when the model does it itself."
+               if not larger and g_std <= 1 else "")
+        return Finding("input-scale", "error",
+                       f"Evaluation inputs are {shown}x {'larger' if larger else 'smaller'} than the model's "
+                       "training inputs", f"The {said}.{why}", evidence, probe_fix(probe, runner, images), 0.8)
     if g_min < 0 <= e_min:
         title = "Evaluation inputs are mean/std-normalised (negative values), but the model was trained on " + \
                 ("raw pixels 0..255" if units == "raw pixels 0..255" else f"pixels in {units}")
