@@ -57,6 +57,16 @@ OFFICIAL: dict[str, _Official] = {
         member_md5={},
     ),
 }
+# The superclass (coarse label) of each CIFAR-100 fine label, in the official label order; the
+# dataset's own files give the same (tests/test_data.py checks it against the real archive).
+# Diagnosis uses it to recognise fine predictions scored against coarse labels from a
+# confusion matrix alone.
+CIFAR100_COARSE_OF_FINE = (
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
+    0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19,
+    18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+)
 _NAME_ALIASES = {"cifar100": "cifar100", "cifar-100": "cifar100", "cifar10": "cifar10", "cifar-10": "cifar10"}
 _CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 

@@ -22,7 +22,8 @@ SEVERITIES = ("error", "warning", "info")
 # Stable ids; tools may match on them.
 FINDING_IDS = (
     "prediction-collapse", "input-scale", "input-normalization", "channel-order", "input-layout",
-    "label-permutation", "train-mode-inference", "near-chance", "train-eval-gap",
+    "label-permutation", "fine-coarse-labels", "train-mode-inference", "two-mistakes", "near-chance",
+    "train-eval-gap",
 )
 
 
@@ -32,7 +33,7 @@ SUMMARY_KEYS = ("model", "num_samples", "num_classes", "accuracy", "chance_accur
 
 # Findings that name why the model misbehaves, as opposed to how it shows.
 CAUSE_IDS = frozenset({"input-scale", "input-normalization", "channel-order", "input-layout",
-                       "label-permutation", "train-mode-inference"})
+                       "label-permutation", "fine-coarse-labels", "train-mode-inference", "two-mistakes"})
 
 
 @dataclass
