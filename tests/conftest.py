@@ -10,6 +10,7 @@ import pytest
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_JPEG = SHARED_DATA_DIR / "cifar10-jpeg.tar.gz"
+CIFAR100_REBUILT = SHARED_DATA_DIR / "cifar100-rebuilt.tar.gz"
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,16 @@ def cifar10_jpeg(shared_data_dir: Path, cifarlab_home: Path):
     if not CIFAR10_JPEG.is_file():
         pytest.skip(f"{CIFAR10_JPEG} is absent")
     return load_dataset(CIFAR10_JPEG, cache_dir=cifarlab_home, progress=False)
+
+
+@pytest.fixture(scope="session")
+def cifar100_rebuilt(shared_data_dir: Path, cifarlab_home: Path):
+    """The complete real CIFAR-100 (official pickle layout) as a cifarlab Dataset, decoded once."""
+    from cifarlab.data import load_dataset
+
+    if not CIFAR100_REBUILT.is_file():
+        pytest.skip(f"{CIFAR100_REBUILT} is absent")
+    return load_dataset(CIFAR100_REBUILT, cache_dir=cifarlab_home, progress=False)
 
 
 @pytest.fixture(scope="session")

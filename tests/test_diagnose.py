@@ -107,6 +107,103 @@ def test_cifarlab_model_fed_scaled_floats(cifar_keras):
     assert "uint8" in top.fix
 
 
+def test_weak_and_strong_model_fed_scaled_floats_read_right(cifar_keras, cifar10_jpeg, tmp_path):
+    """The title states the verified correction (x255, the accuracy it restores), for a weak model too.
+
+    For a weak model the statistics finding outscores the probe in the merge; the title must
+    still be the probe's, not the statistics' std ratio with a clause spliced into it.
+    """
+    from cifarlab.training import TrainConfig, train
+
+    weak = train(TrainConfig(data="cifar10", model="keras-cnn", epochs=1, batch_size=64, max_train_images=1000,
+                             val_fraction=0.1, seed=0, amp="off"),
+                 dataset=cifar10_jpeg, run_dir=tmp_path / "weak", progress=False)
+    for model in (weak.model_path, cifar_keras["result"].model_path):
+        result = diagnose(model=model, images=correct(cifar_keras["x"]), labels=cifar_keras["y"])
+        top = result.ranked()[0]
+        assert top.id == "input-scale", result.format_text()
+        assert top.title.startswith("Evaluation inputs are 255x smaller than the model expects"), top.title
+        assert "multiplying them by 255 raises accuracy from" in top.title, top.title
+        assert "256x" not in top.title and "probably" not in top.title
+        assert "uint8" in top.fix
+        # The symptoms point at the cause's fix, not a fix of their own.
+        for symptom in (f for f in result.findings if f.id in ("train-eval-gap", "prediction-collapse")):
+            assert symptom.fix == top.fix and "eval()" not in symptom.fix
+
+
+def test_partial_collapse_of_a_seed_style_network_from_cm_json_alone(cifar_keras, onnx_path, tmp_path):
+    """The question's picture: keras-cnn (no normalisation layers) fed raw pixels, a partial collapse.
+
+    From cm.json alone it is a prediction-collapse; from the model + images, input-scale.
+    """
+    raw = cifar_keras["x"].astype(np.float32)
+    logits = cifar_keras["onnx"].logits(raw)
+    cm = confusion_matrix(cifar_keras["y"], logits.argmax(1), 10)
+    accuracy = np.trace(cm) / cm.sum()
+    assert 0.15 < accuracy < 0.45  # not a full collapse: the partial one the question shows
+    save_confusion_json(cm, tmp_path / "cm.json")
+    from_matrix = diagnose(confusion=tmp_path / "cm.json")
+    assert from_matrix.verdict == "problem", from_matrix.format_text()
+    top = from_matrix.ranked()[0]
+    assert top.id == "prediction-collapse", from_matrix.format_text()
+    assert "of predictions" in top.title and top.evidence["prediction_tv"] > 0.3
+    from_model = diagnose(model=onnx_path, images=raw, labels=cifar_keras["y"])
+    assert from_model.ranked()[0].id == "input-scale", from_model.format_text()
+    assert from_model.ranked()[0].evidence["transform"] == "divide-by-255"
+
+
+@pytest.mark.parametrize("mistakes, steps", [
+    (lambda x: x[..., ::-1].astype(np.float32), ["swap-rgb-bgr", "divide-by-255"]),
+    (lambda x: np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(x.shape).astype(np.float32),
+     ["undo-planar-reshape", "divide-by-255"]),
+])
+def test_two_mistakes_at_once_are_named_as_a_pair(cifar_keras, onnx_path, mistakes, steps):
+    """BGR and no /255; CIFAR's planar rows reshaped without a transpose and no /255."""
+    result = diagnose(model=onnx_path, images=mistakes(cifar_keras["x"]), labels=cifar_keras["y"])
+    top = result.ranked()[0]
+    assert top.id == "two-mistakes", result.format_text()
+    assert top.evidence["steps"] == steps
+    assert top.title.startswith("Two mistakes in the evaluation inputs")
+    assert "x / 255.0" in top.fix and ("[..., ::-1]" in top.fix or "transpose" in top.fix)
+    assert top.evidence["accuracy_corrected"] > top.evidence["accuracy_best_single"] + 0.05
+    # The partial correction (only /255) is not reported beside the pair.
+    assert not any(f.id == "input-scale" for f in result.findings if f.severity != "info")
+
+
+def test_one_mistake_is_not_reported_as_two(cifar_keras, onnx_path):
+    result = diagnose(model=onnx_path, images=cifar_keras["x"].astype(np.float32), labels=cifar_keras["y"])
+    assert [f.id for f in result.ranked()][0] == "input-scale"
+    assert not any(f.id == "two-mistakes" for f in result.findings)
+    assert any("steps" in row for row in result.probes)  # pairs were tried, and lost
+
+
+@pytest.mark.slow
+def test_fine_label_model_scored_on_coarse_labels(cifar100_rebuilt, tmp_path):
+    """Real CIFAR-100: a fine-label model, its predictions compared with the coarse labels."""
+    from cifarlab.data.cifar import CIFAR100_COARSE_OF_FINE
+    from cifarlab.training import TrainConfig, train
+
+    assert list(CIFAR100_COARSE_OF_FINE) == cifar100_rebuilt.coarse_of_fine
+    result = train(TrainConfig(data="cifar100", model="airbench-small", epochs=3, max_train_images=10_000,
+                               val_fraction=0.02, seed=0),
+                   dataset=cifar100_rebuilt, run_dir=tmp_path / "run", progress=False)
+    keep = np.sort(np.random.default_rng(0).choice(10_000, 3000, replace=False))
+    x, fine, coarse = (cifar100_rebuilt.test_x[keep], cifar100_rebuilt.test_y[keep],
+                       cifar100_rebuilt.test_y_coarse[keep])
+    pred = result.model.predict(x)
+    cm = confusion_matrix(coarse, pred, 100)  # the mistake, as a script would write cm.json
+    save_confusion_json(cm, tmp_path / "cm.json")
+    for diagnosis in (diagnose(confusion=tmp_path / "cm.json"),
+                      diagnose(model=result.model_path, images=x, labels=coarse)):
+        top = diagnosis.ranked()[0]
+        assert top.id == "fine-coarse-labels", diagnosis.format_text()
+        assert top.evidence["coarse_accuracy"] > 2 * top.evidence["accuracy"]
+        assert "fine_labels" in top.fix
+    # The right labels: no such finding.
+    honest = diagnose(model=result.model_path, images=x, labels=fine)
+    assert not any(f.id == "fine-coarse-labels" for f in honest.findings), honest.format_text()
+
+
 def cifarlab(*args):
     return subprocess.run([sys.executable, "-m", "cifarlab", "diagnose", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
