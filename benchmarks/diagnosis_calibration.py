@@ -403,20 +403,65 @@ def outcome_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def entropy_deficit(row: dict[str, Any]) -> float:
+    return float(row["true_entropy"]) - float(row["pred_entropy"])
+
+
+def barely_trained(row: dict[str, Any]) -> bool:
+    """Validation accuracy closes less than 10% of the gap from chance to 100%."""
+    chance = 1 / (100 if row["dataset"] == "cifar100" else 10)
+    return (float(row["val_acc"]) - chance) / (1 - chance) < 0.10
+
+
+def verdict_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per dataset and way: false alarms on honest models, and the broken cases caught.
+
+    A broken input case counts as revealable from the outputs when its entropy deficit is
+    above every honest end-of-run model's on that dataset; label mix-ups always are.
+    """
+    lines = ["| dataset | way | honest end-of-run: false alarms | barely trained: flagged | mid-run checkpoints: "
+             "flagged | broken, revealable: right top finding | broken, not revealable from the outputs | "
+             "broken, under 10 images per class |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for way in ("cm", "probs", "model"):
+            mine = [r for r in rows if r["dataset"] == dataset and r["way"] == way]
+            if not mine:
+                continue
+            classes = 100 if dataset == "cifar100" else 10
+            honest = [r for r in mine if case_label(r) == "honest, end of a run" and not barely_trained(r)]
+            weak = [r for r in mine if r["case"] == "honest" and barely_trained(r)]
+            mid = [r for r in mine if case_label(r) == "honest, mid-run checkpoint" and not barely_trained(r)]
+            worst = max((entropy_deficit(r) for r in honest if r["way"] == way), default=0.0)
+            # Below 10 images per class the outputs checks do not run (MIN_SAMPLES_PER_CLASS).
+            few = [r for r in mine if r["case"] != "honest" and way != "model" and int(r["n"]) < 10 * classes]
+            broken = [r for r in mine if r["case"] != "honest" and not barely_trained(r) and r not in few]
+            revealable = [r for r in broken if way == "model" or r["case"] in LABEL_CASES
+                          or entropy_deficit(r) > worst]
+            hidden = [r for r in broken if r not in revealable]
+            flagged = lambda group: f"{sum(r['verdict'] == 'problem' for r in group)}/{len(group)}"  # noqa: E731
+            hidden_cases = sorted({r["case"] for r in hidden})
+            lines.append(f"| {dataset} | {way} | {sum(r['outcome'] != 'ok' for r in honest)}/{len(honest)} | "
+                         f"{flagged(weak)} | {flagged(mid)} | "
+                         f"{sum(r['outcome'] == 'ok' for r in revealable)}/{len(revealable)} | "
+                         f"{len(hidden)} ({', '.join(hidden_cases)}) | {len(few)} |")
+    return lines
+
+
 def margin_table(rows: list[dict[str, Any]]) -> list[str]:
-    """The collapse statistic: the worst honest case against each mistake, from the confusion matrix."""
-    cm_rows = [r for r in rows if r["way"] == "cm" and r["prediction_tv_excess"] is not None]
-    lines = ["| dataset | case | cases | accuracy (range) | TV excess: min | median | max |",
+    """The collapse statistic, the entropy deficit, from the confusion matrix: honest cases against each mistake."""
+    cm_rows = [r for r in rows if r["way"] == "cm" and r["pred_entropy"] is not None]
+    lines = ["| dataset | case | cases | accuracy (range) | entropy deficit: min | median | max |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for dataset in sorted({r["dataset"] for r in cm_rows}):
         for case in CASE_LABELS[:2] + tuple(list(INPUT_CASES)[1:]):
-            mine = [r for r in cm_rows if r["dataset"] == dataset and case_label(r) == case]
+            mine = [r for r in cm_rows if r["dataset"] == dataset and case_label(r) == case and not barely_trained(r)]
             if not mine:
                 continue
-            tv = np.array([r["prediction_tv_excess"] for r in mine])
-            acc = [r["accuracy"] for r in mine]
+            deficit = np.array([entropy_deficit(r) for r in mine])
+            acc = [float(r["accuracy"]) for r in mine]
             lines.append(f"| {dataset} | {case} | {len(mine)} | {min(acc):.1%}-{max(acc):.1%} | "
-                         f"{tv.min():.3f} | {np.median(tv):.3f} | {tv.max():.3f} |")
+                         f"{deficit.min():.3f} | {np.median(deficit):.3f} | {deficit.max():.3f} |")
     return lines
 
 
@@ -454,8 +499,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus", type=Path, default=Path("runs/diagnosis-corpus"),
                         help="where the trained models are kept and reused")
     parser.add_argument("--out", type=Path, default=Path("runs/diagnosis-calibration"))
-    parser.add_argument("--stage", choices=("corpus", "speed", "all"), default="all",
-                        help="corpus: only train the models; speed: only time diagnose on 10,000 images")
+    parser.add_argument("--stage", choices=("corpus", "speed", "tables", "all"), default="all",
+                        help="corpus: only train the models; speed: only time diagnose on 10,000 images; "
+                             "tables: print the tables of --out/calibration.csv again")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the 10,000-image timing")
     for key, default in HYP.items():  # every recipe value is a flag too (tuples: comma-separated)
         kind = (lambda v, t=type(default[0]): tuple(map(t, v.split(",")))) if isinstance(default, tuple) \
@@ -471,10 +517,16 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(HYP["seed"])
     paths = {"cifar10": args.cifar10, "cifar100": args.cifar100}
     datasets = {name: load_dataset(path, progress=False) for name, path in paths.items() if path}
-    if not datasets and args.stage != "speed":
+    if not datasets and args.stage in ("corpus", "all"):
         sys.exit("give --cifar10 and/or --cifar100")
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads; "
           f"command: python {shlex.join(sys.argv)}", flush=True)
+    if args.stage == "tables":  # the tables again from calibration.csv, nothing re-run
+        rows = read_csv(args.out / "calibration.csv")
+        for row in rows:
+            row["kind"] = row.get("kind") or "snapshot"
+        print("\n".join([*verdict_table(rows), "", *outcome_table(rows), "", *margin_table(rows)]))
+        return
     if args.stage == "speed":  # nothing else running: the timing is only meaningful on an idle machine
         write_csv(args.out / "speed.csv", speed_rows())
         return
@@ -486,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.out / "speed.csv", speed)
     rows = run_cases(datasets, args.corpus, args.out)
     lines = [f"CPU: {cpu_model()}, float32; command: python {shlex.join(sys.argv)}", "",
-             *outcome_table(rows), "", *margin_table(rows), "",
+             *verdict_table(rows), "", *outcome_table(rows), "", *margin_table(rows), "",
              "| model | images | probes run | images run through the model | seconds | one pass over the images, s |",
              "| --- | --- | --- | --- | --- | --- |",
              *[f"| {r['arch']} | {r['images']:,} | {r['probes_run']} | {r['probe_images']:,} | {r['seconds']} | "

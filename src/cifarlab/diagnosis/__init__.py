@@ -137,6 +137,7 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
     finding = train_mode_finding(runner, x)
     if finding is not None:
         _merge(diagnosis, finding)
+    _absorb_into_pairs(diagnosis)
     _explain_symptoms(diagnosis)
     return diagnosis, y_pred, y, names
 
@@ -227,6 +228,21 @@ def _merge(diagnosis: Diagnosis, finding: Finding) -> None:
         diagnosis.findings[i] = strong
         return
     diagnosis.add(finding)
+
+
+def _absorb_into_pairs(diagnosis: Diagnosis) -> None:
+    """A statistics-only finding (e.g. input-scale) that is one half of a verified pair joins it.
+
+    Its fix alone would leave the other mistake in place, so it must not stand above the pair.
+    """
+    from cifarlab.diagnosis.probes import PROBES
+
+    for pair in [f for f in diagnosis.findings if f.id == "two-mistakes"]:
+        halves = {PROBES[step].finding for step in pair.evidence["steps"]}
+        for finding in [f for f in diagnosis.findings if f.id in halves and "transform" not in f.evidence]:
+            pair.detail = f"{pair.detail} {finding.detail}"
+            pair.evidence = {**pair.evidence, "statistics": finding.evidence}
+            diagnosis.findings.remove(finding)
 
 
 _SYMPTOM_IDS = ("prediction-collapse", "near-chance", "train-eval-gap")

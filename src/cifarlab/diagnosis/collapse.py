@@ -31,15 +31,17 @@ CIFAR-10 (JPEG copy) and CIFAR-100, evaluates each correctly and with each class
     The "top classes" are the smallest set of most-predicted classes that
     together take at least half of all predictions. Half is the median split:
     it names the classes a user sees as "the bars" in a confusion plot.
-``COLLAPSE_WARNING_DEFICIT = 0.12`` / ``COLLAPSE_ERROR_DEFICIT = 0.18`` (up to 10 classes),
+``COLLAPSE_WARNING_DEFICIT = 0.15`` / ``COLLAPSE_ERROR_DEFICIT = 0.20`` (up to 10 classes),
 ``COLLAPSE_WARNING_DEFICIT_MANY = 0.18`` / ``COLLAPSE_ERROR_DEFICIT_MANY = 0.30`` (more)
     Collapse is measured as the entropy deficit: the normalised entropy of the
     true classes minus that of the predicted classes. It sees both halves of a
     partial collapse, the classes that take too many predictions and the ones
     starved of them, and is near 0 for predictions that follow imbalanced labels.
-    Honest models at the end of their training run reached at most 0.072 on
-    CIFAR-10 (keras-cnn after 1 epoch, 42%) and 0.115 on CIFAR-100 (keras-cnn
-    after 5 epochs, 17%); the mildest revealable mistakes gave 0.19 (an ImageNet
+    Honest models at the end of their training run reached at most 0.127 on
+    CIFAR-10 (airbench-small after a 1-epoch run, 37%) and, on CIFAR-100, 0.115 for
+    keras-cnn (5 epochs, 17%) but 0.31 for airbench-small after a 5-epoch run on
+    8,000 images (13%), which is reported as a collapse: the one measured false
+    alarm of an honest model that learned. The mildest revealable mistakes gave 0.19 (an ImageNet
     mean/std on CIFAR-10) and 0.25 (BGR and no /255 on CIFAR-100); a missing /255
     gave 0.22-0.84 and 0.33-0.84. Weak models on 100 classes pile their errors on
     more "sink" classes, hence the larger values there. Outside the calibration:
@@ -60,9 +62,13 @@ CIFAR-10 (JPEG copy) and CIFAR-100, evaluates each correctly and with each class
     The best re-mapping (``scipy.optimize.linear_sum_assignment`` maximising the
     diagonal) must add at least 10 accuracy points, at least double accuracy,
     and reach an accuracy clearly above chance (the ``near-chance`` test below).
-    Honest models gained at most 3.4 points in the calibration (at 10+ samples
+    Honest models gained at most 3.4 points in the calibration (at 20+ samples
     per class); a misaligned model jumps from ~chance to its real accuracy (a
-    random class order on a 42%-accurate CIFAR-10 model gains 25 points).
+    random class order on a 42%-accurate CIFAR-10 model gains 25 points). With
+    few samples per class, re-mapping noise gains more: shuffled labels on 1,000
+    CIFAR-100 images (10 per class) re-mapped to +12.8 points, so the gain must
+    also reach ``PERMUTATION_NOISE = 0.63`` / sqrt(samples per class): 20 points
+    at 10 per class, 14 at 20, 10 from 40 on.
     Limitation: two swapped classes out of 10 may cost less and go unreported.
 ``SHIFT_EXPLAINS = 0.95``
     The permutation is reported as a cyclic shift ``pred = (true + k) % C``
@@ -130,12 +136,13 @@ from cifarlab.metrics import (
 __all__ = ["prediction_stats", "analyze_confusion", "analyze_predictions"]
 
 TOP_SET_SHARE = 0.5
-COLLAPSE_WARNING_DEFICIT, COLLAPSE_ERROR_DEFICIT = 0.12, 0.18  # 10 classes or fewer
+COLLAPSE_WARNING_DEFICIT, COLLAPSE_ERROR_DEFICIT = 0.15, 0.20  # 10 classes or fewer
 COLLAPSE_WARNING_DEFICIT_MANY, COLLAPSE_ERROR_DEFICIT_MANY = 0.18, 0.30  # more than 10
 OVER_PREDICTED = 2.0
 STARVED = 0.25
 MIN_SAMPLES_PER_CLASS = 10
 PERMUTATION_MIN_GAIN = 0.10
+PERMUTATION_NOISE = 0.63
 PERMUTATION_MIN_FACTOR = 2.0
 SHIFT_EXPLAINS = 0.95
 MAX_LISTED = 20
@@ -481,9 +488,14 @@ def _is_permutation(cm: np.ndarray, remapped: float) -> bool:
     accuracy = float(np.trace(cm) / n)
     if n < MIN_SAMPLES_PER_CLASS * cm.shape[0]:
         return False  # with few samples per class, matching noise alone gains 30+ points
-    if remapped - accuracy < PERMUTATION_MIN_GAIN or remapped < PERMUTATION_MIN_FACTOR * accuracy:
+    if remapped - accuracy < permutation_min_gain(n, cm.shape[0]) or remapped < PERMUTATION_MIN_FACTOR * accuracy:
         return False
     return all(_above_chance(remapped, _chance_level(cm), n))
+
+
+def permutation_min_gain(n: int, num_classes: int) -> float:
+    """The gain a re-mapping must bring: PERMUTATION_MIN_GAIN, more where noise alone re-maps well."""
+    return max(PERMUTATION_MIN_GAIN, PERMUTATION_NOISE / np.sqrt(n / num_classes))
 
 
 def _permutation_finding(cm: np.ndarray, names: list[str], col_of_row: np.ndarray,

@@ -323,7 +323,10 @@ def _moved(row: dict[str, Any], as_given: dict[str, Any], labels_given: bool) ->
 
 
 def _pairs(rows: list[dict[str, Any]], labels_given: bool) -> list[tuple[str, str]]:
-    """(first, second) steps in pipeline order: each stage's best mover with every probe of the others."""
+    """(first, second) steps in pipeline order: each stage's best mover with every probe of the others.
+
+    When nothing moved but the predictions are collapsed, every pair of two stages.
+    """
     as_given = rows[0]
     threshold = PAIR_MOVED_ACCURACY if labels_given else PAIR_MOVED_ENTROPY
     ran = [r for r in rows[1:] if not r.get("skipped")]
@@ -334,6 +337,11 @@ def _pairs(rows: list[dict[str, Any]], labels_given: bool) -> list[tuple[str, st
                                    or moved > _moved(best_of_stage[stage], as_given, labels_given)):
             best_of_stage[stage] = row
     pairs: list[tuple[str, str]] = []
+    if not best_of_stage and (as_given.get("skipped") or as_given["pred_entropy"] < HEALTHY_ENTROPY):
+        # Collapsed, and no single correction helps: two mistakes that each hide the other's
+        # fix (a scrambled layout and no /255). Try every pair of two stages.
+        names = [n for n in PROBES if n != "as-given"]
+        return [(a, b) for a in names for b in names if PROBES[a].stage < PROBES[b].stage]
     for mover in best_of_stage.values():
         for name, probe in PROBES.items():
             if name == "as-given" or probe.stage == PROBES[mover["name"]].stage:
