@@ -30,7 +30,6 @@ import argparse
 import copy
 import csv
 import os
-import platform
 import shlex
 import sys
 import time
@@ -43,6 +42,7 @@ import torch
 from cifarlab import get_split, load_dataset
 from cifarlab.modelfile import Classifier, load_model, save_model
 from cifarlab.training import TrainConfig, Trainer
+from train_speed import cpu_model  # the sibling benchmark's reading of /proc/cpuinfo
 
 HYP = {
     "archs": ("keras-cnn", "airbench-small"),
@@ -63,16 +63,6 @@ HYP = {
 
 
 # ---- the machine ------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 # ---- (1) the corpus ---------------------------------------------------------------------------
 
