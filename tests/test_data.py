@@ -252,9 +252,8 @@ def test_name_finds_keras_copy_then_serves_from_cache(isolated_home: Path, tmp_p
     assert ds.source == str(fake.folder.resolve())
 
     shutil.rmtree(isolated_home / ".keras")  # the second load must not need the source
-    start = time.perf_counter()
+    # Served from the cache: memory-mapped, read-only, and the source is gone (no clock needed).
     again = load_dataset("cifar10", cache_dir=cache, download=False, progress=False)
-    assert time.perf_counter() - start < 1.0
     assert isinstance(again.train_x, np.memmap) and not again.train_x.flags.writeable
     assert_same_data(again, fake.expected)
     assert sorted(p.name for p in (cache / "datasets").iterdir()) == ["cifar10"]  # no temp dirs left
