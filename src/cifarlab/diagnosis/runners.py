@@ -15,9 +15,10 @@ ONNX file is opened.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -197,7 +198,8 @@ def cifarlab_runner(classifier: Classifier, name: str) -> ModelRunner:
     def forward(batch: np.ndarray) -> torch.Tensor:
         # Floats go through the same Preprocess as uint8 (it calls .float()), which is what
         # reproduces a doubled or missing /255.
-        return classifier(torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(classifier.device))
+        with buffers_kept(classifier):
+            return classifier(torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(classifier.device))
 
     # feed_dtype None: floats must reach the network as given, never rounded to uint8.
     return ModelRunner(
@@ -218,7 +220,8 @@ def module_runner(module: nn.Module, input_spec: dict[str, Any] | None,
 
     @torch.no_grad()
     def forward(batch: np.ndarray) -> torch.Tensor:
-        return module(torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(device))
+        with buffers_kept(module):
+            return module(torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(device))
 
     return ModelRunner(name=type(module).__name__, kind="callable", num_classes=_num_classes(classes),
                        classes=classes, input_spec=spec, train_stats=None, trained_accuracy=None,
@@ -233,6 +236,26 @@ def callable_runner(function: Callable, input_spec: dict[str, Any] | None,
     return ModelRunner(name=name, kind="callable", num_classes=_num_classes(classes), classes=classes,
                        input_spec=spec, train_stats=None, trained_accuracy=None, forward=function,
                     feed_dtype=spec["dtype"])
+
+
+@contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Run `module` as it is, but leave its buffers as they were.
+
+    A model left in training mode is diagnosed in training mode (that is the bug to find), but
+    each forward pass would also move its BatchNorm running statistics towards the batch, and
+    the probes feed it deliberately wrong inputs (pixels x255, transposed images): diagnosing a
+    user's live model would leave its statistics, and so its eval-mode predictions, broken.
+    """
+    if not any(m.training for m in module.modules()):
+        yield  # eval mode changes no buffer
+        return
+    saved = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def _unknown_spec() -> dict[str, Any]:
