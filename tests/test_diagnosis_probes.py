@@ -84,6 +84,36 @@ def test_prediction_summary_of_probe_logits():
     assert prediction_summary(uniform, 10)["classes_predicted"] == 10
 
 
+def probe_row(name, accuracy, discordant, n=1000, entropy=0.6):
+    return {"name": name, "accuracy": accuracy, "pred_entropy": entropy, "classes_predicted": 50,
+            "mean_confidence": 0.1, "agreement_with_as_given": 0.01, "discordant_with_as_given": discordant,
+            "fix": "x = x / 255.0", "n_images": n}
+
+
+def test_paired_gain_is_judged_by_images_whose_correctness_changed():
+    """McNemar: only images right in one run and wrong in the other count. A weak CIFAR-100
+    model (measured: 1.4% -> 12.8% on 1,000 images when the /255 is restored) changes almost
+    every prediction, but mostly from one wrong class to another."""
+    as_given = {**probe_row("as-given", 0.014, None, entropy=0.02), "agreement_with_as_given": None}
+    found = probe_findings([as_given, probe_row("divide-by-255", 0.128, 0.13)], labels_given=True)
+    assert [(f.id, f.severity) for f in found] == [("input-scale", "warning")]
+    # The same gain carried by few discordant images each way is noise-sized: nothing is named.
+    # (z = 0.06 / sqrt(0.5 / 1000) = 2.7 < 4)
+    assert probe_findings([as_given, probe_row("divide-by-255", 0.074, 0.5)], labels_given=True) == []
+
+
+def test_probes_reuse_the_as_given_logits_they_are_given(small_model, synthetic):
+    runner = open_model(small_model.model_path)
+    x, y = synthetic.test_x, synthetic.test_y
+    logits = runner.logits(x)
+    fake = np.zeros_like(logits)
+    fake[:, 0] = 1.0  # "everything is class 0": the as-given rows must show it, not a re-run
+    rows = run_probes(runner, x, y, as_given_logits=fake)
+    assert rows[0]["name"] == "as-given" and rows[0]["classes_predicted"] == 1
+    assert rows[0]["accuracy"] == pytest.approx(float((y == 0).mean()))
+    assert run_probes(runner, x, y, as_given_logits=logits)[0] == run_probes(runner, x, y)[0]
+
+
 def test_cifarlab_runner_runs_inputs_as_given(small_model, synthetic):
     runner = open_model(small_model.model_path)
     x = synthetic.test_x
@@ -102,6 +132,27 @@ def test_runner_explains_shapes_it_cannot_run(small_model, synthetic):
         runner.logits(synthetic.test_x.transpose(0, 3, 1, 2))
     with pytest.raises(InputError, match="rank 3"):
         runner.logits(synthetic.test_x[0])
+
+
+@pytest.mark.parametrize("held", ["classifier", "live module"])
+def test_diagnosing_a_model_in_training_mode_leaves_its_statistics_alone(synthetic, held):
+    """The probes feed a train-mode model wrong inputs; its BatchNorm statistics must not follow them."""
+    from cifarlab.diagnosis import diagnose
+    from cifarlab.modelfile import build_classifier, make_meta
+
+    stats = {"mean": [125.0] * 3, "std": [63.0] * 3, "min": [0.0] * 3, "max": [255.0] * 3}
+    meta = make_meta(architecture="airbench-small", arch_args={}, classes=list(synthetic.classes), train_stats=stats)
+    classifier = build_classifier(meta)
+    model = (classifier if held == "classifier" else classifier.net).train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    x, y = synthetic.test_x[:200], synthetic.test_y[:200]
+    # The classifier takes NHWC pixels (fed /255: one more mistake); the bare net NCHW floats.
+    images = x / 255.0 if held == "classifier" else (x / 255.0 - 0.5).transpose(0, 3, 1, 2) / 0.25
+    result = diagnose(model=model, images=images.astype(np.float32), labels=y)
+    assert any(f.id == "train-mode-inference" for f in result.findings), result.format_text()
+    assert model.training  # diagnosed as it was given
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
 
 
 def test_module_and_callable_runners(small_model, synthetic):

@@ -117,7 +117,7 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
         raise InputError(f"got {len(x)} images but {len(y)} labels; they must correspond one to one")
     names = class_names or runner.classes
 
-    y_pred, diagnosis = None, None
+    y_pred, diagnosis, logits = None, None, None
     try:
         logits = runner.logits(x)
     except InputError as exc:  # the model cannot even run on them: the probes say why
@@ -131,7 +131,7 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
 
     for finding in input_findings(x, runner):
         _merge(diagnosis, finding)
-    diagnosis.probes = run_probes(runner, x, y, max_images=max_images)
+    diagnosis.probes = run_probes(runner, x, y, max_images=max_images, as_given_logits=logits)
     for finding in probe_findings(diagnosis.probes, labels_given=y is not None):
         _merge(diagnosis, finding)
     finding = train_mode_finding(runner, x)
