@@ -2,12 +2,16 @@
 
     python benchmarks/diagnosis_calibration.py \
         --cifar10 ../shared/data/cifar10-jpeg.tar.gz --cifar100 ../shared/data/cifar100-rebuilt.tar.gz
+    python benchmarks/diagnosis_calibration.py --train-images 8000 \
+        --cifar10 ../shared/data/cifar10-jpeg.tar.gz --cifar100 ../shared/data/cifar100-rebuilt.tar.gz
 
 (1) The corpus: for each dataset, `keras-cnn` (the seed's network, no normalisation layers)
 and `airbench-small` (cifarlab's CPU default, BatchNorm) are trained once for
-HYP["epochs"] epochs on a stratified subset of the training split, and the model after
-each epoch in HYP["snapshots"] is saved: weak and strong honest models of two families.
-Saved models are reused by later runs (`--corpus DIR`).
+HYP["epochs"] epochs on the training split (--train-images N: a stratified subset of N, for
+weaker models: the second command), and the model after each epoch in HYP["snapshots"] is
+saved: weak and strong honest models of two families. Saved models are reused by later runs
+(`--corpus DIR`, by default one folder per training-set size). Both commands add their rows
+to the same --out/calibration.csv, and the tables cover every row there.
 
 (2) The cases: every model is evaluated correctly and with each classic bug, the way a Keras
 script holds it (float NHWC pixels / 255 in, logits out; see `cases()`): the /255 missing
@@ -52,7 +56,9 @@ HYP = {
     # peak after epoch 1). Complete runs of these lengths are trained too, for the archs whose
     # schedule is not constant (keras-cnn's is, so its snapshots are complete runs already).
     "complete_runs": (1, 2, 5),
-    "train_images": 8000,  # a stratified subset of the training split (2 CPU cores: ~7 min a run)
+    # The whole training split (48,000 + the 2,000 held out below); a smaller number trains on a
+    # stratified subset. On 2 bf16 CPU cores a 15-epoch family takes 8 min (keras-cnn, airbench-small).
+    "train_images": 50_000,
     "val_fraction": 0.04,  # 2,000 held-out images: the accuracy recorded in the model file
     "sizes": (500, 2000, 10000),  # test subsets the outputs are diagnosed on (capped at the split)
     "bug_images": 2000,  # the mistakes run on this many of them (the honest case on all the sizes)
@@ -63,6 +69,13 @@ HYP = {
 
 
 # ---- the machine ------------------------------------------------------------------------------
+
+def machine() -> str:
+    """The CPU and the precision training ran in (diagnose itself runs models in float32)."""
+    from cifarlab.training import bf16_is_fast
+
+    return f"{cpu_model()}, training in {'bf16' if bf16_is_fast(torch.device('cpu')) else 'float32'}"
+
 
 # ---- (1) the corpus ---------------------------------------------------------------------------
 
@@ -182,7 +195,9 @@ EXPECTED = {
 def held_keras_style(model: Classifier, train_mode: bool) -> torch.nn.Module:
     from cifarlab.demo import KerasStyleModel
 
-    held = KerasStyleModel(model)
+    # In training mode, a copy: forward passes then move BatchNorm's running statistics, and
+    # the cases after this one need the model as it was trained.
+    held = KerasStyleModel(copy.deepcopy(model) if train_mode else model)
     return held.train() if train_mode else held.eval()
 
 
@@ -312,24 +327,33 @@ def run_cases(datasets: dict[str, Any], corpus: Path, out: Path) -> list[dict[st
     rows = read_csv(out / "calibration.csv")
     for row in rows:
         row["kind"] = row.get("kind") or "snapshot"  # rows written before complete runs existed
-    done = {(r["dataset"], r["arch"], int(r["epochs"]), r["kind"]) for r in rows}
-    cms_path = out / "honest_cms.npz"
+    done = {(r["dataset"], r["arch"], int(r["epochs"]), r["kind"]) for r in rows
+            if r.get("train_images") == HYP["train_images"]}
+    cms_path, all_cms_path = out / "honest_cms.npz", out / "cms.npz"
     honest_cms: dict[str, np.ndarray] = dict(np.load(cms_path)) if cms_path.exists() else {}
+    # Every case's confusion matrix, so that a new statistic can be tried on the corpus
+    # without re-running the models.
+    all_cms: dict[str, np.ndarray] = dict(np.load(all_cms_path)) if all_cms_path.exists() else {}
     for name, arch, epoch, kind in corpus_models(datasets):
         if (name, arch, epoch, kind) in done:
             continue
+        if not model_path(corpus, name, arch, epoch, kind).exists():
+            continue  # trained with another --snapshots
         model = load_model(model_path(corpus, name, arch, epoch, kind))
-        head = {"dataset": name, "arch": arch, "epochs": epoch, "kind": kind,
-                "val_acc": round(model.meta["metrics"]["val_acc"], 4)}
+        head = {"dataset": name, "train_images": HYP["train_images"], "arch": arch, "epochs": epoch,
+                "kind": kind, "val_acc": round(model.meta["metrics"]["val_acc"], 4)}
         with_model_way = epoch in HYP["model_snapshots"] and kind == "snapshot"
         before = len(rows)
         for row in model_cases(datasets[name], model, with_model_way):
             cm = row.pop("_cm", None)
             if cm is not None and row["case"] == "honest":
-                honest_cms[f"{name}-{arch}-{kind}{epoch:02d}-n{row['n']}"] = cm
+                honest_cms[f"{name}-{HYP['train_images']}-{arch}-{kind}{epoch:02d}-n{row['n']}"] = cm
+            if cm is not None:
+                all_cms[f"{name}-{HYP['train_images']}-{arch}-{kind}{epoch:02d}-{row['case']}-n{row['n']}"] = cm
             rows.append({**head, **row})
         write_csv(out / "calibration.csv", rows)  # after every model: a stopped run keeps its rows
         np.savez_compressed(cms_path, **honest_cms)
+        np.savez_compressed(all_cms_path, **all_cms)
         bad = [r for r in rows[before:] if r["outcome"] != "ok"]
         print(f"{name} {arch} {kind} {epoch} (val acc {head['val_acc']:.1%}): {len(rows) - before} rows, "
               f"{len(bad)} not ok", flush=True)
@@ -364,12 +388,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 # ---- (3) the tables -----------------------------------------------------------------------------
 
+def mid_run(row: dict[str, Any]) -> bool:
+    """A snapshot taken before the end of a decaying schedule (keras-cnn's lr is constant)."""
+    return row["kind"] == "snapshot" and row["arch"] != "keras-cnn" and int(row["epochs"]) < HYP["epochs"]
+
+
 def case_label(row: dict[str, Any]) -> str:
     """The case, with honest models split into the end of a run and mid-run checkpoints."""
     if row["case"] != "honest":
         return row["case"]
-    mid_run = row["kind"] == "snapshot" and row["arch"] != "keras-cnn" and row["epochs"] < HYP["epochs"]
-    return "honest, mid-run checkpoint" if mid_run else "honest, end of a run"
+    return "honest, mid-run checkpoint" if mid_run(row) else "honest, end of a run"
 
 
 CASE_LABELS = ("honest, end of a run", "honest, mid-run checkpoint", *list(EXPECTED)[1:])
@@ -403,16 +431,28 @@ def barely_trained(row: dict[str, Any]) -> bool:
     return (float(row["val_acc"]) - chance) / (1 - chance) < 0.10
 
 
+OWN_MARGIN = 0.02  # about the spread of one model's deficit between subsets of 2,000 images
+
+
+def model_key(row: dict[str, Any]) -> tuple:
+    return row["dataset"], row.get("train_images"), row["arch"], row["epochs"], row["kind"], row["n"]
+
+
 def verdict_table(rows: list[dict[str, Any]]) -> list[str]:
     """Per dataset and way: false alarms on honest models, and the broken cases caught.
 
     A broken input case counts as revealable from the outputs when its entropy deficit is
-    above every honest end-of-run model's on that dataset; label mix-ups always are.
+    above every honest end-of-run model's on that dataset and above its own model's honest
+    deficit by more than OWN_MARGIN (a mistake that leaves the outputs where they were, such
+    as training mode on a model whose BatchNorm statistics barely moved, shows nothing);
+    label mix-ups always are. Broken
+    cases of mid-run checkpoints are counted apart: their honest outputs already look
+    collapsed, so the symptom cannot single out the mistake.
     """
     lines = ["| dataset | way | honest end-of-run: false alarms | barely trained: flagged | mid-run checkpoints: "
              "flagged | broken, revealable: right top finding | broken, not revealable from the outputs | "
-             "broken, under 10 images per class |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "broken, mid-run checkpoints: right top finding | broken, under 10 images per class |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for dataset in sorted({r["dataset"] for r in rows}):
         for way in ("cm", "probs", "model"):
             mine = [r for r in rows if r["dataset"] == dataset and r["way"] == way]
@@ -426,15 +466,18 @@ def verdict_table(rows: list[dict[str, Any]]) -> list[str]:
             # Below 10 images per class the outputs checks do not run (MIN_SAMPLES_PER_CLASS).
             few = [r for r in mine if r["case"] != "honest" and way != "model" and int(r["n"]) < 10 * classes]
             broken = [r for r in mine if r["case"] != "honest" and not barely_trained(r) and r not in few]
+            broken_mid = [r for r in broken if mid_run(r)]
+            broken = [r for r in broken if not mid_run(r)]
+            own = {model_key(r): entropy_deficit(r) for r in mine if r["case"] == "honest"}
             revealable = [r for r in broken if way == "model" or r["case"] in LABEL_CASES
-                          or entropy_deficit(r) > worst]
+                          or entropy_deficit(r) > max(worst, own[model_key(r)] + OWN_MARGIN)]
             hidden = [r for r in broken if r not in revealable]
             flagged = lambda group: f"{sum(r['verdict'] == 'problem' for r in group)}/{len(group)}"  # noqa: E731
+            right = lambda group: f"{sum(r['outcome'] == 'ok' for r in group)}/{len(group)}"  # noqa: E731
             hidden_cases = sorted({r["case"] for r in hidden})
             lines.append(f"| {dataset} | {way} | {sum(r['outcome'] != 'ok' for r in honest)}/{len(honest)} | "
-                         f"{flagged(weak)} | {flagged(mid)} | "
-                         f"{sum(r['outcome'] == 'ok' for r in revealable)}/{len(revealable)} | "
-                         f"{len(hidden)} ({', '.join(hidden_cases)}) | {len(few)} |")
+                         f"{flagged(weak)} | {flagged(mid)} | {right(revealable)} | "
+                         f"{len(hidden)} ({', '.join(hidden_cases)}) | {right(broken_mid)} | {len(few)} |")
     return lines
 
 
@@ -480,18 +523,46 @@ def speed_rows() -> list[dict[str, Any]]:
     return rows
 
 
+# ---- the README's worked example ----------------------------------------------------------------
+
+def write_example(dataset, corpus: Path, out: Path) -> None:
+    """The files behind the README's `cifarlab diagnose` example, from the CIFAR-100 corpus.
+
+    cm.json: the question's situation, keras-cnn (the end of its schedule) held as the Keras
+    script held it and fed the raw pixels of the whole test split, written as a script writes
+    it (`json.dump(cm.tolist(), f)`). x.npy, y.npy: the test split divided by 255, what a
+    script feeds airbench-small's model file, which divides by 255 itself.
+    """
+    from cifarlab.metrics import confusion_matrix, save_confusion_json
+
+    folder = out / "example"
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = get_split(dataset, "test")
+    keras = load_model(model_path(corpus, "cifar100", "keras-cnn", HYP["epochs"]))
+    raw = logits_of(held_keras_style(keras, train_mode=False), x.astype(np.float64)).argmax(1)
+    save_confusion_json(confusion_matrix(y, raw, len(keras.classes)), folder / "cm.json")
+    np.save(folder / "x.npy", (x / 255.0).astype(np.float32))
+    np.save(folder / "y.npy", y)
+    airbench = model_path(corpus, "cifar100", "airbench-small", HYP["epochs"])
+    print(f"keras-cnn on raw pixels: accuracy {(raw == y).mean():.1%}\n"
+          f"cifarlab diagnose --confusion {folder / 'cm.json'}\n"
+          f"cifarlab diagnose --model {airbench} --images {folder / 'x.npy'} --labels {folder / 'y.npy'}")
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cifar10", help="CIFAR-10 (e.g. ../shared/data/cifar10-jpeg.tar.gz)")
     parser.add_argument("--cifar100", help="CIFAR-100 (e.g. ../shared/data/cifar100-rebuilt.tar.gz)")
-    parser.add_argument("--corpus", type=Path, default=Path("runs/diagnosis-corpus"),
-                        help="where the trained models are kept and reused")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="where the trained models are kept and reused "
+                             "(default: runs/diagnosis-corpus-<train images>)")
     parser.add_argument("--out", type=Path, default=Path("runs/diagnosis-calibration"))
-    parser.add_argument("--stage", choices=("corpus", "speed", "tables", "all"), default="all",
+    parser.add_argument("--stage", choices=("corpus", "speed", "tables", "example", "all"), default="all",
                         help="corpus: only train the models; speed: only time diagnose on 10,000 images; "
-                             "tables: print the tables of --out/calibration.csv again")
+                             "tables: print the tables of --out/calibration.csv again; example: write the "
+                             "README's diagnose example files (--cifar100) into --out/example")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the 10,000-image timing")
     for key, default in HYP.items():  # every recipe value is a flag too (tuples: comma-separated)
         kind = (lambda v, t=type(default[0]): tuple(map(t, v.split(",")))) if isinstance(default, tuple) \
@@ -504,18 +575,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     HYP.update({key: getattr(args, key) for key in HYP})
+    # One folder per training-set size: the file names do not say which size trained them.
+    args.corpus = args.corpus or Path(f"runs/diagnosis-corpus-{HYP['train_images']}")
     torch.manual_seed(HYP["seed"])
     paths = {"cifar10": args.cifar10, "cifar100": args.cifar100}
     datasets = {name: load_dataset(path, progress=False) for name, path in paths.items() if path}
     if not datasets and args.stage in ("corpus", "all"):
         sys.exit("give --cifar10 and/or --cifar100")
-    print(f"CPU: {cpu_model()}, {torch.get_num_threads()} torch threads; "
+    print(f"CPU: {machine()}, {torch.get_num_threads()} torch threads; "
           f"command: python {shlex.join(sys.argv)}", flush=True)
     if args.stage == "tables":  # the tables again from calibration.csv, nothing re-run
         rows = read_csv(args.out / "calibration.csv")
         for row in rows:
             row["kind"] = row.get("kind") or "snapshot"
         print("\n".join([*verdict_table(rows), "", *outcome_table(rows), "", *margin_table(rows)]))
+        return
+    if args.stage == "example":
+        if "cifar100" not in datasets:
+            sys.exit("--stage example needs --cifar100")
+        write_example(datasets["cifar100"], args.corpus, args.out)
         return
     if args.stage == "speed":  # nothing else running: the timing is only meaningful on an idle machine
         write_csv(args.out / "speed.csv", speed_rows())
@@ -527,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
     if speed:
         write_csv(args.out / "speed.csv", speed)
     rows = run_cases(datasets, args.corpus, args.out)
-    lines = [f"CPU: {cpu_model()}, float32; command: python {shlex.join(sys.argv)}", "",
+    lines = [f"CPU: {machine()}; command: python {shlex.join(sys.argv)}", "",
              *verdict_table(rows), "", *outcome_table(rows), "", *margin_table(rows), "",
              "| model | images | probes run | images run through the model | seconds | one pass over the images, s |",
              "| --- | --- | --- | --- | --- | --- |",
