@@ -77,3 +77,15 @@ def cifar_keras(cifar10_jpeg, tmp_path_factory):
     assert accuracy > 0.4, f"the test model trained badly ({accuracy:.1%}); the probes need a real model"
     return {"result": result, "onnx": onnx, "cifarlab": open_model(result.model_path), "x": x, "y": y,
             "root": root}
+
+
+@pytest.fixture(scope="session")
+def cifar100_model(cifar100_rebuilt, tmp_path_factory):
+    """airbench-small trained for 3 epochs on 10,000 real CIFAR-100 images (a weak but real
+    fine-label model, ~15% test accuracy): shared by the CIFAR-100 tests that need a model."""
+    from cifarlab.training import TrainConfig, train
+
+    cfg = TrainConfig(data="cifar100", model="airbench-small", epochs=3, max_train_images=10_000,
+                      val_fraction=0.02, seed=0)
+    return train(cfg, dataset=cifar100_rebuilt, run_dir=tmp_path_factory.mktemp("cifar100-model") / "run",
+                 progress=False)

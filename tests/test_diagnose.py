@@ -178,15 +178,12 @@ def test_one_mistake_is_not_reported_as_two(cifar_keras, onnx_path):
 
 
 @pytest.mark.slow
-def test_fine_label_model_scored_on_coarse_labels(cifar100_rebuilt, tmp_path):
+def test_fine_label_model_scored_on_coarse_labels(cifar100_rebuilt, cifar100_model, tmp_path):
     """Real CIFAR-100: a fine-label model, its predictions compared with the coarse labels."""
     from cifarlab.data.cifar import CIFAR100_COARSE_OF_FINE
-    from cifarlab.training import TrainConfig, train
 
     assert list(CIFAR100_COARSE_OF_FINE) == cifar100_rebuilt.coarse_of_fine
-    result = train(TrainConfig(data="cifar100", model="airbench-small", epochs=3, max_train_images=10_000,
-                               val_fraction=0.02, seed=0),
-                   dataset=cifar100_rebuilt, run_dir=tmp_path / "run", progress=False)
+    result = cifar100_model
     keep = np.sort(np.random.default_rng(0).choice(10_000, 3000, replace=False))
     x, fine, coarse = (cifar100_rebuilt.test_x[keep], cifar100_rebuilt.test_y[keep],
                        cifar100_rebuilt.test_y_coarse[keep])

@@ -200,6 +200,8 @@ def make_summary(out: Path, dataset: Dataset, correct: dict[str, Any], raw: dict
                  diagnosis: Diagnosis, report: Path, seconds: float) -> dict[str, Any]:
     ranked = diagnosis.ranked()
     top = ranked[0] if ranked else None
+    # The seed's vertical bars in words: which classes take the raw-pixel predictions.
+    bars = next((f.title for f in ranked if f.id == "prediction-collapse"), None)
     trained_metrics = correct["model"].get("trained_metrics") or {}
     return {
         "data": dataset.name,
@@ -209,6 +211,10 @@ def make_summary(out: Path, dataset: Dataset, correct: dict[str, Any], raw: dict
         "architecture": correct["model"]["architecture"],
         "accuracy_correct": correct["accuracy"],
         "accuracy_raw_pixels": raw["accuracy"],
+        # CIFAR-100's 20-superclass view (None on datasets without coarse labels).
+        "coarse_accuracy_correct": (correct.get("coarse") or {}).get("accuracy"),
+        "coarse_accuracy_raw_pixels": (raw.get("coarse") or {}).get("accuracy"),
+        "raw_pixel_predictions": bars,
         "verdict": diagnosis.verdict,
         "top_finding": None if top is None else {"id": top.id, "title": top.title, "fix": top.fix},
         "report": str(report),
@@ -231,6 +237,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     accuracies = {LABEL_CORRECT: summary["accuracy_correct"], LABEL_RAW: summary["accuracy_raw_pixels"]}
     for label, paths in summary["evaluations"].items():
         lines.append(f"  accuracy, {label + ':':26s} {accuracies[label]:6.1%}   {paths['png']}")
+    if summary["coarse_accuracy_correct"] is not None:
+        lines.append(f"  20-superclass accuracy: {summary['coarse_accuracy_correct']:.1%} correct, "
+                     f"{summary['coarse_accuracy_raw_pixels']:.1%} on raw pixels")
+    if summary["raw_pixel_predictions"]:
+        lines.append(f"  raw-pixel predictions: {summary['raw_pixel_predictions']}")
     top = summary["top_finding"]
     if top is None:
         lines.append(f"  diagnosis: {summary['verdict']}, no finding")
