@@ -57,7 +57,7 @@ HYP = {
     # schedule is not constant (keras-cnn's is, so its snapshots are complete runs already).
     "complete_runs": (1, 2, 5),
     # The whole training split (48,000 + the 2,000 held out below); a smaller number trains on a
-    # stratified subset. On 2 bf16 CPU cores a 15-epoch family takes 8 min (keras-cnn, airbench-small).
+    # stratified subset. On 2 bf16 CPU cores a 15-epoch family takes about 8 min (each of the two).
     "train_images": 50_000,
     "val_fraction": 0.04,  # 2,000 held-out images: the accuracy recorded in the model file
     "sizes": (500, 2000, 10000),  # test subsets the outputs are diagnosed on (capped at the split)
@@ -445,9 +445,8 @@ def verdict_table(rows: list[dict[str, Any]]) -> list[str]:
     above every honest end-of-run model's on that dataset and above its own model's honest
     deficit by more than OWN_MARGIN (a mistake that leaves the outputs where they were, such
     as training mode on a model whose BatchNorm statistics barely moved, shows nothing);
-    label mix-ups always are. Broken
-    cases of mid-run checkpoints are counted apart: their honest outputs already look
-    collapsed, so the symptom cannot single out the mistake.
+    label mix-ups always are. Broken cases of mid-run checkpoints are counted apart: their
+    honest outputs already look collapsed, so the symptom cannot single out the mistake.
     """
     lines = ["| dataset | way | honest end-of-run: false alarms | barely trained: flagged | mid-run checkpoints: "
              "flagged | broken, revealable: right top finding | broken, not revealable from the outputs | "
