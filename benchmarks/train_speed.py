@@ -1,6 +1,7 @@
 """Training speed: the seed's recipe against cifarlab's default, on one machine, in one run.
 
     python benchmarks/train_speed.py --data ../shared/data/cifar10-jpeg.tar.gz [--seed-epochs 50]
+    python benchmarks/train_speed.py --data ../shared/data/cifar100-rebuilt.tar.gz --seed-minutes 10 --skip-throughput
 
 (a) trains the seed's recipe (keras-cnn with its registry recipe: Adam, batch 32, 50 epochs)
 and (b) cifarlab's default (`TrainConfig()`, model auto), one after the other, and after
@@ -42,7 +43,14 @@ from cifarlab.modelfile import build_classifier
 from cifarlab.models import get_model_spec
 from cifarlab.training import TrainConfig, Trainer, make_optimizer, pick_device
 
-THRESHOLDS = (0.70, 0.80, 0.90, 0.93)
+# Test accuracies whose training time the table reports: CIFAR-10-like, and 100 classes
+# (30-70%: the question's Keras recipe aimed at 40%).
+THRESHOLDS = {10: (0.70, 0.80, 0.90, 0.93), 100: (0.30, 0.40, 0.50, 0.60, 0.70)}
+
+
+def thresholds_for(num_classes: int) -> tuple[float, ...]:
+    return THRESHOLDS[10] if num_classes <= 10 else THRESHOLDS[100]
+
 SEED_FULL_EPOCHS = get_model_spec("keras-cnn").recipe["epochs"]  # 50, the seed's schedule
 REQUIRED_RATIO = 0.95  # the issue: cifarlab's loop at >= 95% of a hand loop's throughput
 
@@ -130,28 +138,29 @@ def time_to(rows: list[dict], threshold: float) -> str:
     return "not reached"
 
 
-def curve_table(runs: list[tuple[str, TrainConfig]], rows: list[dict]) -> list[str]:
+def curve_table(runs: list[tuple[str, TrainConfig]], rows: list[dict], thresholds: tuple[float, ...]) -> list[str]:
     lines = ["| run | model | recipe | epochs | final test acc | with TTA | train s | "
-             + " | ".join(f"to {t:.0%}" for t in THRESHOLDS) + " |",
-             "| --- " * (7 + len(THRESHOLDS)) + "|"]
+             + " | ".join(f"to {t:.0%}" for t in thresholds) + " |",
+             "| --- " * (7 + len(thresholds)) + "|"]
     for name, cfg in runs:
         mine = [r for r in rows if r["run"] == name]
         recipe = f"{cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.schedule}"
-        reached = " | ".join(time_to(mine, t) for t in THRESHOLDS)
+        reached = " | ".join(time_to(mine, t) for t in thresholds)
         tta = f"{mine[-1]['tta_test_acc']:.1%}" if "tta_test_acc" in mine[-1] else "-"
         lines.append(f"| {name} | {cfg.model} | {recipe} | {len(mine)} | {mine[-1]['test_acc']:.1%} | {tta} | "
                      f"{mine[-1]['train_seconds']:.0f} | {reached} |")
     return lines
 
 
-def plot_curves(runs: list[tuple[str, TrainConfig]], rows: list[dict], path: Path, title: str) -> None:
+def plot_curves(runs: list[tuple[str, TrainConfig]], rows: list[dict], path: Path, title: str,
+                thresholds: tuple[float, ...]) -> None:
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     for name, cfg in runs:
         mine = [r for r in rows if r["run"] == name]
         ax.plot([r["train_seconds"] for r in mine], [100 * r["test_acc"] for r in mine], marker="o",
                 markersize=3, label=f"{name}: {cfg.model}, {epochs(len(mine))}")
-    for t in THRESHOLDS:
+    for t in thresholds:
         ax.axhline(100 * t, color="grey", linestyle=":", linewidth=0.8)
     # Log time: the two runs differ by an order of magnitude, and the early epochs matter.
     ax.set_xscale("log")
@@ -353,11 +362,12 @@ def main() -> None:
                           ("default", TrainConfig(epochs=args.default_epochs, **base))]:
             limit = args.seed_minutes if name == "seed" else None
             runs.append((name, accuracy_curve(name, cfg, dataset, args.out, rows, limit).cfg))
-        table = curve_table(runs, rows)
+        thresholds = thresholds_for(len(dataset.classes))
+        table = curve_table(runs, rows, thresholds)
         plot_curves(runs, rows, args.out / "curve.png",
                     f"{dataset.name}: test accuracy against training time — {cpu_model()}, "
                     f"{args.threads} threads" + (f", {torch.cuda.get_device_name(device)}"
-                                                 if device.type == "cuda" else ""))
+                                                 if device.type == "cuda" else ""), thresholds)
         summary += ["## Test accuracy against training time", "", *table, "", *notes(args, runs, rows), ""]
         print("\n" + "\n".join(table + [""] + notes(args, runs, rows)))
 
