@@ -82,7 +82,7 @@ def cifar_keras(cifar10_jpeg, tmp_path_factory):
 @pytest.fixture(scope="session")
 def cifar100_model(cifar100_rebuilt, tmp_path_factory):
     """airbench-small trained for 3 epochs on 10,000 real CIFAR-100 images (a weak but real
-    fine-label model, ~15% test accuracy): shared by the CIFAR-100 tests that need a model."""
+    fine-label model): shared by the CIFAR-100 tests that need a model."""
     from cifarlab.training import TrainConfig, train
 
     cfg = TrainConfig(data="cifar100", model="airbench-small", epochs=3, max_train_images=10_000,
