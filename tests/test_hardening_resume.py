@@ -109,7 +109,9 @@ def kill_at(mode: str, run: Run, run_dir: Path, rng: random.Random) -> int | Non
     """Kill `run` at a moment of kind `mode`; the epochs it had reported, or None if it finished first."""
     checkpoint = run_dir / "checkpoint.safetensors"
     if mode == "startup":
-        time.sleep(rng.uniform(0.2, 4.0))
+        # Within a few seconds of the start, but never after the first epoch: on a fast machine
+        # the whole run fits in 4 s, and a kill after it leaves nothing for the later moments.
+        wait_for(lambda: run.epochs_reported() >= 1, run, timeout=rng.uniform(0.2, 4.0))
     elif mode == "mid-epoch":
         before = checkpoint.stat().st_mtime_ns if checkpoint.exists() else 0
         if not wait_for(lambda: checkpoint.exists() and checkpoint.stat().st_mtime_ns != before, run):
