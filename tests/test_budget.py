@@ -96,6 +96,48 @@ def test_measuring_leaves_the_run_untouched(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def fitted_trainer(monkeypatch, time_budget: float, fit_budget: bool = True) -> Trainer:
+    """A planned Trainer on 320 training images (10 steps of 32) whose measured costs are
+    injected: 100 s a step, nothing else. The real one-off costs (setup, seconds at most)
+    are small against them."""
+    monkeypatch.setattr(Trainer, "measure", lambda self: (100.0, 0.0, 0.0, 0.0, 0.0))
+    cfg = TrainConfig(**TINY, time_budget=time_budget, fit_budget=fit_budget)
+    return Trainer(cfg, synthetic_dataset(n_train_per_class=40, num_classes=10), progress=False)
+
+
+def test_fit_budget_trains_on_as_many_images_as_four_epochs_hold(monkeypatch):
+    # 3,000 s: an epoch of all 320 images (10 steps, 1,050 s with the 5% margin) fits twice.
+    assert fitted_trainer(monkeypatch, 50.0, fit_budget=False).cfg.epochs == 2
+    # With --fit-budget, 4 epochs of 7 steps (735 s each) fit: 7 x 32 images, less 5 for the
+    # rounding of each class's share.
+    trainer = fitted_trainer(monkeypatch, 50.0)
+    assert trainer.cfg.epochs == 4 and trainer.steps_per_epoch == 7
+    assert trainer.cfg.max_train_images == trainer.cfg.plan["fitted_train_images"] == 219
+    assert len(trainer.train_y) == len(trainer.first_mirror) == 220  # the stratified subset: 22 per class
+    assert np.ptp(np.bincount(trainer.train_y.numpy(), minlength=10)) <= 1  # class-balanced
+
+
+def test_fit_budget_fills_the_budget_with_whole_epochs(monkeypatch):
+    # 4,800 s hold 4.57 epochs of all images (1,050 s): 4 would leave 600 s unused, so
+    # 5 epochs of 9 steps (945 s each) run, on 9 x 32 - 5 images.
+    assert fitted_trainer(monkeypatch, 80.0, fit_budget=False).cfg.epochs == 4
+    trainer = fitted_trainer(monkeypatch, 80.0)
+    assert trainer.cfg.epochs == 5 and trainer.steps_per_epoch == 9
+    assert trainer.cfg.plan["fitted_train_images"] == 283 and len(trainer.train_y) == 280
+
+
+def test_fit_budget_refuses_when_not_even_20_images_per_class_fit(monkeypatch):
+    with pytest.raises(CifarlabError, match=r"does not fit 4 epochs of even 200 training images"):
+        fitted_trainer(monkeypatch, 10.0)  # 150 s an epoch: one step, 32 images
+
+
+def test_fit_budget_needs_a_time_budget(capsys):
+    with pytest.raises(CifarlabError, match="--fit-budget needs --time-budget"):
+        TrainConfig(fit_budget=True, epochs=2).validate()
+    assert main(["train", "--fit-budget", "--epochs", "2"]) == 2
+    assert "--fit-budget needs --time-budget" in capsys.readouterr().err
+
+
 # ---- test-time augmentation ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

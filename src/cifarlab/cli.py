@@ -64,7 +64,8 @@ def add_demo_command(commands) -> None:
     p.add_argument("--time-budget", type=float, default=3.0, metavar="MINUTES",
                    help="minutes of training (default 3)")
     p.add_argument("--max-train-images", type=int, metavar="N",
-                   help="train on a class-balanced subset of N images (default 20,000; 50000: all)")
+                   help="train on a class-balanced subset of N images (default: 20,000, or fewer, so "
+                        "that whole epochs, at least 4, fill the budget on this machine; 50000: all)")
     p.add_argument("--quiet", action="store_true", help="no progress; only the summary")
     p.set_defaults(run=run_demo)
 
@@ -104,6 +105,10 @@ def add_train_command(commands) -> None:
                    help="choose the number of epochs (instead of --epochs) so that training, "
                         "validation and a final test evaluation fit in this many minutes, "
                         "from step times measured on this machine")
+    p.add_argument("--fit-budget", action="store_true",
+                   help="with --time-budget: fill the budget with whole epochs, at least 4, on fewer "
+                        "training images (a class-balanced subset, never more than --max-train-images) "
+                        "where all of them would leave part of an epoch's time unused or fit fewer")
     p.add_argument("--ema", type=float, metavar="DECAY",
                    help="validate and save a moving average of the weights (e.g. 0.999; it "
                         "averages over about 1/(1-DECAY) steps, so keep that well under the run's steps)")
@@ -254,7 +259,8 @@ def _train_or_resume(args, progress: bool):
         schedule=args.schedule, label_smoothing=args.label_smoothing,
         translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,
         seed=args.seed, device=args.device, amp=args.amp, compile=args.compile,
-        max_train_images=args.max_train_images, time_budget=args.time_budget, ema=args.ema,
+        max_train_images=args.max_train_images, time_budget=args.time_budget, fit_budget=args.fit_budget,
+        ema=args.ema,
     )
     cfg.validate()  # before a possibly long download
     pick_device(cfg.device)

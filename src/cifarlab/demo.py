@@ -32,7 +32,7 @@ from cifarlab.diagnosis import Diagnosis, diagnose
 from cifarlab.errors import ChecksumError, CifarlabError, DataError
 from cifarlab.evaluation import evaluate
 from cifarlab.modelfile import Classifier, Preprocess
-from cifarlab.training import TrainConfig, TrainResult, train
+from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
 
 # `auto` (airbench-small on a CPU, airbench on a GPU), not the seed's keras-cnn, because
 # only a network with normalisation layers shows the seed's vertical bars. keras-cnn has
@@ -57,20 +57,24 @@ MARKER = "demo.json"  # written last; marks a folder the demo may overwrite
 
 def run_demo(data: str = "cifar100", out: Path = Path("demo"), time_budget: float = 3.0,
              progress: bool = True, *, epochs: int | None = None,
-             max_train_images: int | None = DEMO_TRAIN_IMAGES, seed: int = 0) -> dict[str, Any]:
+             max_train_images: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Train, evaluate right and wrong, diagnose, report; returns the summary (also demo.json).
 
     `time_budget`: minutes of training (the trainer plans the epochs to fit). `epochs` fixes
     the number of epochs instead (for reproducible runs such as tests). `max_train_images`:
-    a class-balanced subset of the training split (None: all of it). `progress`: print a
-    line per step, the training progress bars and the summary.
+    a class-balanced subset of the training split; None: DEMO_TRAIN_IMAGES, or fewer, so
+    that whole epochs (at least training.FIT_MIN_EPOCHS) fill the budget on this machine
+    (`--fit-budget`): the demo fits a slow or busy machine. `progress`: print a line per
+    step, the training progress bars and the summary.
     """
     started = time.perf_counter()
     out = Path(out)
     check_out_dir(out)
+    fit = max_train_images is None and not epochs  # an explicit subset is the user's to choose
     cfg = TrainConfig(data=str(data), model=DEMO_MODEL, epochs=epochs,
-                      time_budget=None if epochs else time_budget,
-                      max_train_images=max_train_images, seed=seed)
+                      time_budget=None if epochs else time_budget, fit_budget=fit,
+                      max_train_images=DEMO_TRAIN_IMAGES if max_train_images is None else max_train_images,
+                      seed=seed)
     cfg.validate()  # before a possibly long download
     if max_train_images is not None and max_train_images < 1:
         raise CifarlabError(f"--max-train-images must be at least 1, got {max_train_images}")
@@ -99,7 +103,7 @@ def run_demo(data: str = "cifar100", out: Path = Path("demo"), time_budget: floa
     say(f"[5/{STEPS}] writing the report")
     report = write_demo_report(out, trained, dataset)
 
-    summary = make_summary(out, dataset, correct, raw, diagnosis, report, time.perf_counter() - started)
+    summary = make_summary(out, dataset, trained, correct, raw, diagnosis, report, time.perf_counter() - started)
     (out / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
     say("\n" + format_summary(summary))
     return summary
@@ -196,8 +200,9 @@ def write_demo_report(out: Path, trained: TrainResult, dataset: Dataset) -> Path
                               "evaluated correctly and with the /255 forgotten")
 
 
-def make_summary(out: Path, dataset: Dataset, correct: dict[str, Any], raw: dict[str, Any],
-                 diagnosis: Diagnosis, report: Path, seconds: float) -> dict[str, Any]:
+def make_summary(out: Path, dataset: Dataset, trained: TrainResult, correct: dict[str, Any],
+                 raw: dict[str, Any], diagnosis: Diagnosis, report: Path, seconds: float) -> dict[str, Any]:
+    recipe = trained.model.meta["recipe"]
     ranked = diagnosis.ranked()
     top = ranked[0] if ranked else None
     # The seed's vertical bars in words: which classes take the raw-pixel predictions.
@@ -207,7 +212,10 @@ def make_summary(out: Path, dataset: Dataset, correct: dict[str, Any], raw: dict
         "data": dataset.name,
         "num_test_images": int(correct["num_samples"]),
         "model": str(out / "run" / "model.safetensors"),
-        "trained": {k: trained_metrics.get(k) for k in ("epochs", "train_seconds", "val_acc")},
+        "trained": {**{k: trained_metrics.get(k) for k in ("epochs", "train_seconds", "val_acc")},
+                    "train_images": recipe["max_train_images"] or len(dataset.train_y),
+                    # Set when --fit-budget took fewer images than asked (see training.FIT_MIN_EPOCHS).
+                    "fitted_to_budget": "fitted_train_images" in (recipe.get("plan") or {})},
         "architecture": correct["model"]["architecture"],
         "accuracy_correct": correct["accuracy"],
         "accuracy_raw_pixels": raw["accuracy"],
@@ -232,8 +240,11 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"{summary['seconds']:.0f} s in all):"]
     trained = summary["trained"]
     epochs = f"{trained['epochs']} epoch" + ("" if trained["epochs"] == 1 else "s")
-    lines.append(f"  model: {summary['model']}  ({summary['architecture']}, {epochs} in "
-                 f"{trained['train_seconds']:.0f} s)")
+    lines.append(f"  model: {summary['model']}  ({summary['architecture']}, {epochs} on "
+                 f"{trained['train_images']:,} images in {trained['train_seconds']:.0f} s)")
+    if trained["fitted_to_budget"]:
+        lines.append(f"  (fewer training images than the demo's {DEMO_TRAIN_IMAGES:,}, so that whole epochs, "
+                     f"at least {FIT_MIN_EPOCHS}, fill the budget on this machine)")
     accuracies = {LABEL_CORRECT: summary["accuracy_correct"], LABEL_RAW: summary["accuracy_raw_pixels"]}
     for label, paths in summary["evaluations"].items():
         lines.append(f"  accuracy, {label + ':':26s} {accuracies[label]:6.1%}   {paths['png']}")

@@ -62,6 +62,12 @@ LOOKAHEAD_EVERY = 5
 # Planned epochs are costed 5% above the measurement: the progress bar, the history file
 # and timing noise are not in it.
 PLAN_MARGIN = 1.05
+# --fit-budget: the budget is filled with whole epochs, on fewer training images where all of
+# them would leave part of an epoch unused or hold fewer than FIT_MIN_EPOCHS epochs
+# (benchmarks/fit_budget.py: at a fixed number of image-epochs on CIFAR-100, more epochs on
+# fewer images did as well or better). Never fewer than FIT_MIN_IMAGES_PER_CLASS per class.
+FIT_MIN_EPOCHS = 4
+FIT_MIN_IMAGES_PER_CLASS = 20
 
 
 @dataclass
@@ -99,6 +105,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training step's model (meant for GPUs; compiles at the start)
     max_train_images: int | None = None  # a stratified subset, for quick experiments and tests
     time_budget: float | None = None  # minutes; the trainer plans `epochs` to fit (see plan_epochs)
+    fit_budget: bool = False  # with time_budget: fewer training images when few epochs fit (FIT_MIN_EPOCHS)
     ema: float | None = None  # decay of the weight average used for validation and the final model
     plan: dict[str, float] | None = None  # the measurements behind a time budget's epochs
 
@@ -128,6 +135,8 @@ class TrainConfig:
             # A planned run (resumed from its checkpoint) carries both, the epochs from the plan.
             (self.epochs is None or self.time_budget is None or self.plan is not None,
              "--epochs and --time-budget exclude each other: the budget decides the number of epochs"),
+            (not self.fit_budget or self.time_budget is not None,
+             "--fit-budget needs --time-budget: it fits the training set to the budget's minutes"),
             (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), e.g. 0.999, got {self.ema}"),
         ]
         for ok, message in checks:
@@ -359,10 +368,8 @@ class Trainer:
         self.progress = progress and distributed.is_main()
         self.amp = self.cfg.amp == "on" or (self.cfg.amp == "auto" and bf16_is_fast(self.device))
 
-        train_x, train_y = get_split(dataset, "train", cfg.val_fraction, cfg.seed)
-        train_x, train_y = subsample(train_x, train_y, cfg.max_train_images, cfg.seed)
+        train_x = self.select_training_images()
         val_x, val_y = get_split(dataset, "val", cfg.val_fraction, cfg.seed)
-        self.train_x, self.train_y = self._to_device(train_x, train_y)
         self.val_x, self.val_y = self._to_device(val_x, val_y)
 
         torch.manual_seed(self.cfg.seed)  # weight init
@@ -373,10 +380,6 @@ class Trainer:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.lookahead: Lookahead | None = None  # made when it starts (see train_epoch)
-        # Alternating flips: epoch 1 mirrors a random half of the images, each epoch after
-        # mirrors the other half (indexed by position in the training split).
-        self.first_mirror = torch.rand(len(self.train_y), generator=torch.Generator().manual_seed(
-            self.cfg.seed + 7)) < 0.5
         self.ema = WeightEMA(self.model, self.cfg.ema) if self.cfg.ema is not None else None
         # Training forward/backward go through train_model: with several processes, a
         # DistributedDataParallel wrapper (gradients averaged across ranks; BatchNorm buffers
@@ -395,12 +398,36 @@ class Trainer:
         if self.batch_size < 1:
             raise CifarlabError(f"--batch-size {self.cfg.batch_size} is smaller than the "
                                 f"{self.world_size} processes; it is the global batch, split over them")
-        shard_size = len(distributed.shard(torch.arange(len(self.train_y)), self.rank, self.world_size))
-        self.steps_per_epoch = math.ceil(shard_size / self.batch_size)
+        self.steps_per_epoch = self.count_steps()
         if self.cfg.epochs is None:  # a time budget without a plan yet
             # Rank 0 measures (on its own, without the gradient exchange) and every rank
             # follows its plan, so all of them run the same epochs and learning rates.
-            self.cfg = distributed.broadcast_object(self.plan_schedule() if distributed.is_main() else None)
+            planned = distributed.broadcast_object(self.plan_schedule() if distributed.is_main() else None)
+            fitted = planned.max_train_images != self.cfg.max_train_images
+            self.cfg = planned
+            if fitted:  # --fit-budget chose a smaller training set
+                self.select_training_images()
+                self.steps_per_epoch = self.count_steps()
+
+    def count_steps(self) -> int:
+        """Optimizer steps in an epoch of this process's shard."""
+        shard_size = len(distributed.shard(torch.arange(len(self.train_y)), self.rank, self.world_size))
+        return math.ceil(shard_size / self.batch_size)
+
+    def select_training_images(self) -> np.ndarray:
+        """Put the training split (a stratified subset of max_train_images) on the device.
+
+        Returns it as the host array, for the model's input statistics.
+        """
+        cfg = self.cfg
+        train_x, train_y = get_split(self.dataset, "train", cfg.val_fraction, cfg.seed)
+        train_x, train_y = subsample(train_x, train_y, cfg.max_train_images, cfg.seed)
+        self.train_x, self.train_y = self._to_device(train_x, train_y)
+        # Alternating flips: epoch 1 mirrors a random half of the images, each epoch after
+        # mirrors the other half (indexed by position in the training split).
+        self.first_mirror = torch.rand(len(self.train_y), generator=torch.Generator().manual_seed(
+            cfg.seed + 7)) < 0.5
+        return train_x
 
     @torch.no_grad()
     def init_whitening(self, sample_size: int = 5000) -> None:
@@ -445,13 +472,45 @@ class Trainer:
         fixed_s = time.perf_counter() - self.started + final_eval_s
         if self.cfg.compile:  # the run's own model compiles again on its first step
             fixed_s += first_step_s
-        epochs = plan_epochs(60 * self.cfg.time_budget, epoch_s, fixed_s)
+        budget_s = 60 * self.cfg.time_budget
+        images = self.fitted_images(budget_s - fixed_s, step_s, epoch_s) if self.cfg.fit_budget else None
+        if images is not None:
+            steps = math.ceil(images / self.world_size / self.batch_size)
+            epoch_s = PLAN_MARGIN * (steps * step_s + len(self.val_y) * image_s + checkpoint_s)
+        epochs = plan_epochs(budget_s, epoch_s, fixed_s)
         if self.progress:
+            fitted = (f", on {images:,} of the {len(self.train_y):,} training images (--fit-budget: "
+                      "whole epochs of them fill the budget)") if images else ""
             tqdm.write(f"planned {epochs} epochs: {epoch_s:.1f} s/epoch measured, "
-                       f"{self.cfg.time_budget:g} min budget")
+                       f"{self.cfg.time_budget:g} min budget{fitted}")
         plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3),
                 "final_eval_seconds": round(final_eval_s, 3), "checkpoint_seconds": round(checkpoint_s, 3)}
+        if images is not None:
+            plan["fitted_train_images"] = images
+            return replace(self.cfg, epochs=epochs, plan=plan, max_train_images=images)
         return replace(self.cfg, epochs=epochs, plan=plan)
+
+    def fitted_images(self, available_s: float, step_s: float, epoch_s: float) -> int | None:
+        """The training images that fill `available_s` with whole epochs, at least FIT_MIN_EPOCHS
+        of them (all images would leave part of an epoch's time unused, or too few epochs);
+        None when whole epochs of all of them fill it already. Refuses when not even
+        FIT_MIN_IMAGES_PER_CLASS fit."""
+        epochs = max(FIT_MIN_EPOCHS, math.ceil(available_s / epoch_s))
+        if epochs * epoch_s <= available_s:
+            return None
+        per_epoch_fixed_s = epoch_s - PLAN_MARGIN * self.steps_per_epoch * step_s  # validation, checkpoint
+        train_s = (available_s / epochs - per_epoch_fixed_s) / PLAN_MARGIN
+        # Less half an image per class: the class-balanced subset rounds each class's share.
+        steps = int(max(train_s, 0.0) / step_s)
+        images = steps * self.batch_size * self.world_size - math.ceil(len(self.dataset.classes) / 2)
+        least = FIT_MIN_IMAGES_PER_CLASS * len(self.dataset.classes)
+        if images < least:
+            raise CifarlabError(
+                f"a {self.cfg.time_budget:g}-minute budget does not fit {FIT_MIN_EPOCHS} epochs of even "
+                f"{least:,} training images ({FIT_MIN_IMAGES_PER_CLASS} per class) here: a step of "
+                f"{self.batch_size} images takes {step_s:.2f} s and each epoch's validation and "
+                f"checkpoint {per_epoch_fixed_s:.1f} s. Give a larger --time-budget.")
+        return min(images, len(self.train_y))
 
     def replan(self, first_epoch_s: float) -> TrainConfig:
         """The plan corrected after the first epoch, at the pace that epoch really ran at
