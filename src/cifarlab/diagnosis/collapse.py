@@ -60,7 +60,8 @@ CIFAR-10 (JPEG copy) and CIFAR-100, evaluates each correctly and with each class
     name the bars and the starved classes in the title, and the total
     variation distance between the two distributions is in the evidence.
 ``MIN_SAMPLES_PER_CLASS = 10``
-    Collapse and permutation checks need at least 10 samples per class. With
+    Collapse and re-mapping checks need at least 10 samples per class (a cyclic
+    shift of the labels does not: see ``SHIFT_EXPLAINS``). With
     fewer, sampling noise alone makes some classes look over- or
     under-represented, and re-mapping noise gains accuracy (8.8 points at 5 per
     class on CIFAR-100 in the calibration; at most 3.6 points at 20 per class).
