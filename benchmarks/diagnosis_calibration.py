@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from cifarlab import get_split, load_dataset
+from cifarlab.metrics import softmax
 from cifarlab.modelfile import Classifier, load_model, save_model
 from cifarlab.training import TrainConfig, Trainer
 from train_speed import cpu_model  # the sibling benchmark's reading of /proc/cpuinfo
@@ -221,11 +222,6 @@ def logits_of(module: torch.nn.Module, fed: np.ndarray, batch: int = 500) -> np.
     with torch.no_grad():
         return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(fed[i:i + batch], np.float32)))
                                .float().numpy() for i in range(0, len(fed), batch)])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    return shifted / shifted.sum(1, keepdims=True)
 
 
 def diagnosis_row(diagnosis, way: str, expected: str | None, seconds: float) -> dict[str, Any]:

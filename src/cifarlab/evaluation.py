@@ -26,7 +26,7 @@ import torch
 from cifarlab.augment import fold_coordinates
 from cifarlab.data import Dataset, get_split, load_dataset, split_info
 from cifarlab.errors import CifarlabError
-from cifarlab.metrics import classification_report, save_confusion_json
+from cifarlab.metrics import classification_report, save_confusion_json, softmax
 from cifarlab.modelfile import Classifier, load_model, validate_images
 from cifarlab.plots import plot_confusion_matrix
 
@@ -61,7 +61,7 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
     images, labels = split_images(model.meta, dataset, split)
 
     logits = model.predict_logits(images) if tta is None else predict_logits_tta(model, images, tta)
-    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    probs = softmax(logits)
     meta = model.meta
     report = classification_report(probs, labels, model.classes,
                                    coarse_of_fine=meta.get("coarse_of_fine"),

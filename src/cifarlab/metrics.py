@@ -36,6 +36,8 @@ __all__ = [
     "check_class_names",
     "check_num_classes",
     "as_array",
+    "is_probability",
+    "softmax",
 ]
 
 # Softmax outputs in float16/float32 do not sum to exactly 1; this is loose enough
@@ -352,12 +354,24 @@ def most_confused_pairs(cm: np.ndarray, class_names: list[str], k: int = 10) -> 
 # --------------------------------------------------------------------------- #
 
 
+def is_probability(scores: np.ndarray) -> bool:
+    """Every value of the (N, C) array in [0, 1] and every row summing to 1 (PROB_SUM_TOLERANCE)."""
+    if scores.size == 0:
+        return True
+    return bool(scores.min() >= 0 and scores.max() <= 1
+                and np.abs(scores.sum(axis=1) - 1).max() <= PROB_SUM_TOLERANCE)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits, in their float dtype."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # minus the max: exp cannot overflow
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def _check_is_probability(probs: np.ndarray) -> None:
     """Refuse logits or unnormalised scores: mean_confidence would be meaningless."""
-    if probs.size == 0:
-        return
-    sums = probs.sum(axis=1)
-    if probs.min() < 0 or probs.max() > 1 or np.abs(sums - 1).max() > PROB_SUM_TOLERANCE:
+    if not is_probability(probs):
+        sums = probs.sum(axis=1)
         raise InputError(
             "probs must be probabilities (each value in [0, 1], each row summing to 1), got values in "
             f"[{probs.min():.3g}, {probs.max():.3g}] with row sums in [{sums.min():.3g}, {sums.max():.3g}]; "

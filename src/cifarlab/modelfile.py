@@ -25,6 +25,7 @@ from torch import nn
 
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
 from cifarlab.fileio import atomic_write
+from cifarlab.metrics import softmax
 from cifarlab.models import create_model, get_model_spec
 
 FORMAT = "cifarlab-model"
@@ -106,7 +107,7 @@ class Classifier(nn.Module):
 
     def predict_proba(self, images: Any, batch_size: int = 1000) -> np.ndarray:
         """Class probabilities (N, C), rows summing to 1."""
-        return torch.softmax(torch.from_numpy(self.predict_logits(images, batch_size)), 1).numpy()
+        return softmax(self.predict_logits(images, batch_size))
 
     def predict(self, images: Any, batch_size: int = 1000) -> np.ndarray:
         """Predicted class ids (N,) for raw uint8 NHWC images."""

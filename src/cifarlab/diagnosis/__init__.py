@@ -24,7 +24,7 @@ from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes
 from cifarlab.diagnosis.report import CAUSE_IDS, Diagnosis, Finding
 from cifarlab.diagnosis.runners import ModelRunner, open_model
 from cifarlab.errors import CifarlabError, InputError
-from cifarlab.metrics import MAX_CLASSES, as_array
+from cifarlab.metrics import MAX_CLASSES, as_array, softmax
 
 __all__ = ["diagnose", "Diagnosis", "Finding"]
 
@@ -125,7 +125,7 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
                                        "as_given_error": str(exc)})
     else:
         y_pred = logits.argmax(1)
-        diagnosis = analyze_predictions(y_pred, logits.shape[1], y_true=y, probs=_softmax(logits),
+        diagnosis = analyze_predictions(y_pred, logits.shape[1], y_true=y, probs=softmax(logits),
                                         class_names=names, trained_accuracy=runner.trained_accuracy)
         diagnosis.summary = {"model": runner.name, **diagnosis.summary}
 
@@ -198,11 +198,6 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str,
 
 def _array(value: ArrayLike, what: str) -> np.ndarray:
     return load_array(value, what) if isinstance(value, (str, Path)) else as_array(value, what)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    return shifted / shifted.sum(1, keepdims=True)
 
 
 def _merge(diagnosis: Diagnosis, finding: Finding) -> None:

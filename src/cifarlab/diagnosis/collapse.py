@@ -141,14 +141,15 @@ from cifarlab.data.cifar import CIFAR100_COARSE_OF_FINE
 from cifarlab.diagnosis.report import Diagnosis, Finding
 from cifarlab.errors import InputError
 from cifarlab.metrics import (
-    PROB_SUM_TOLERANCE,
     as_count_matrix,
     as_class_ids,
     as_probabilities,
     check_class_names,
     check_num_classes,
     confusion_matrix,
+    is_probability,
     per_class_metrics,
+    softmax,
 )
 
 __all__ = ["prediction_stats", "analyze_confusion", "analyze_predictions"]
@@ -796,12 +797,9 @@ def _probabilities(probs: Any, num_classes: int, num_samples: int) -> tuple[np.n
     if arr.shape[1] != num_classes:
         raise InputError(f"probs has {arr.shape[1]} columns but num_classes is {num_classes}; "
                          "pass one probability (or logit) per class.")
-    sums = arr.sum(axis=1)
-    is_probability = arr.min() >= 0 and arr.max() <= 1 and np.abs(sums - 1).max() <= PROB_SUM_TOLERANCE
-    if is_probability:
+    if is_probability(arr):
         return arr, False
-    shifted = np.exp(arr - arr.max(axis=1, keepdims=True))  # subtract the max so exp cannot overflow
-    return shifted / shifted.sum(axis=1, keepdims=True), True
+    return softmax(arr), True
 
 
 def _expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:

@@ -26,6 +26,7 @@ from torch import nn
 
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.export import import_onnx_package
+from cifarlab.metrics import is_probability
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
 
 
@@ -103,7 +104,7 @@ class ModelRunner:
 
 def as_logits(outputs: np.ndarray) -> np.ndarray:
     """Probabilities become log-probabilities; logits pass through unchanged."""
-    if outputs.size and outputs.min() >= 0 and outputs.max() <= 1 and np.allclose(outputs.sum(1), 1, atol=1e-3):
+    if outputs.size and is_probability(outputs):
         return np.log(np.clip(outputs, 1e-12, None)).astype(np.float32)
     return outputs.astype(np.float32, copy=False)
 
