@@ -47,7 +47,7 @@ from cifarlab import get_split, load_dataset
 from cifarlab.metrics import softmax
 from cifarlab.modelfile import Classifier, load_model, save_model
 from cifarlab.training import TrainConfig, Trainer
-from train_speed import cpu_model  # the sibling benchmark's reading of /proc/cpuinfo
+from train_speed import add_hyp_flags, cpu_model  # the sibling benchmark's helpers
 
 HYP = {
     "archs": ("keras-cnn", "airbench-small"),
@@ -559,11 +559,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "tables: print the tables of --out/calibration.csv again; example: write the "
                              "README's diagnose example files (--cifar100) into --out/example")
     parser.add_argument("--skip-speed", action="store_true", help="leave out the 10,000-image timing")
-    for key, default in HYP.items():  # every recipe value is a flag too (tuples: comma-separated)
-        kind = (lambda v, t=type(default[0]): tuple(map(t, v.split(",")))) if isinstance(default, tuple) \
-            else type(default)
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=default,
-                            help=f"default {default}")
+    add_hyp_flags(parser, HYP)  # every recipe value is a flag too
     return parser.parse_args(argv)
 
 

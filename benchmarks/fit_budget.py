@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cifarlab import get_split, load_dataset
 from cifarlab.training import TrainConfig, train
-from train_speed import machine_lines, pick_device, test_accuracy
+from train_speed import add_hyp_flags, machine_lines, pick_device, test_accuracy
 
 HYP = {
     "work": (48_000, 192_000),  # image-epochs: one epoch of the whole split, and four
@@ -75,10 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/fit-budget"))
-    for key, default in HYP.items():  # every recipe value is a flag too (tuples: comma-separated)
-        kind = (lambda v, t=type(default[0]): tuple(map(t, v.split(",")))) if isinstance(default, tuple) \
-            else type(default)
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=default)
+    add_hyp_flags(parser, HYP)  # every recipe value is a flag too
     args = parser.parse_args()
     HYP.update({key: getattr(args, key) for key in HYP})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from cifarlab import get_split, load_dataset
 from cifarlab.evaluation import predict_logits_tta
 from cifarlab.training import TrainConfig, Trainer
-from train_speed import machine_lines, pick_device
+from train_speed import add_hyp_flags, machine_lines, pick_device
 
 HYP = {
     "minutes": 9.0,  # training time each candidate is given (of a 10-minute budget: the rest is
@@ -100,8 +100,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/recipe-sweep"))
     parser.add_argument("--only", help="comma-separated candidate names (default: all)")
-    for key, default in HYP.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(default), default=default)
+    add_hyp_flags(parser, HYP)  # every recipe value is a flag too
     args = parser.parse_args()
     HYP.update({key: getattr(args, key) for key in HYP})
     args.out.mkdir(parents=True, exist_ok=True)

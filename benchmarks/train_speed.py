@@ -78,6 +78,15 @@ def machine_lines(device: torch.device) -> list[str]:
     return lines
 
 
+def add_hyp_flags(parser: argparse.ArgumentParser, hyp: dict) -> None:
+    """Every value of a benchmark's HYP dict as a --flag (tuples: comma-separated), default shown."""
+    for key, default in hyp.items():
+        kind = (lambda v, t=type(default[0]): tuple(map(t, v.split(",")))) if isinstance(default, tuple) \
+            else type(default)
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=default,
+                            help=f"default {default}")
+
+
 def sync(device: torch.device) -> None:
     # CUDA runs asynchronously: without this the clock would stop before the GPU does.
     if device.type == "cuda":
