@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarlab.errors import InputError
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError, InputError
 from cifarlab.evaluation import evaluate
 from cifarlab.metrics import load_confusion_json
 from cifarlab.modelfile import load_model
@@ -133,6 +134,19 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(args, message, tmp_pa
 def test_debug_shows_the_traceback(tmp_path):
     proc = cifarlab("--debug", "evaluate", tmp_path / "missing.safetensors", check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_debug_after_the_subcommand_works_too(tmp_path, capsys):
+    with pytest.raises(CifarlabError, match="model file not found"):  # raised, not reported: --debug
+        main(["evaluate", str(tmp_path / "missing.safetensors"), "--debug"])
+    assert main(["evaluate", str(tmp_path / "missing.safetensors")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+
+
+def test_submodules_are_reachable_after_a_plain_import():
+    import cifarlab
+
+    assert callable(cifarlab.demo.run_demo) and callable(cifarlab.metrics.softmax)
 
 
 def test_predict_rejects_non_images(real_model, tmp_path):

@@ -16,6 +16,10 @@ __version__ = "0.1.0"
 from cifarlab.errors import CifarlabError, InputError  # noqa: E402
 
 
+_SUBMODULES = {"data", "models", "modelfile", "training", "evaluation", "diagnosis", "report", "export",
+               "metrics", "plots", "demo", "predict", "cli"}
+
+
 def __getattr__(name: str):
     # Lazy imports keep `import cifarlab` (and the CLI's --help) fast: torch loads on first use.
     import importlib
@@ -31,6 +35,8 @@ def __getattr__(name: str):
     }
     if name in homes:
         return getattr(importlib.import_module(homes[name]), name)
+    if name in _SUBMODULES:  # `cifarlab.demo.run_demo(...)` after a plain `import cifarlab`
+        return importlib.import_module(f"cifarlab.{name}")
     raise AttributeError(f"module 'cifarlab' has no attribute {name!r}")
 
 

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_command(commands)
     add_export_command(commands)
     commands.add_parser("models", help="list the model architectures").set_defaults(run=run_models)
+    for command in commands.choices.values():  # `cifarlab train --debug ...` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks")
     return parser
 
 
