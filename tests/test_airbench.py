@@ -105,3 +105,13 @@ def test_many_class_datasets_get_the_cifar100_settings():
     assert (hundred.label_smoothing, hundred.epochs) == (0.3, 8)
     # What the user sets wins over both.
     assert TrainConfig(model="airbench-small", label_smoothing=0.1).resolved(cpu, 100).label_smoothing == 0.1
+
+
+def test_auto_picks_the_measured_width_for_the_device_and_the_number_of_classes():
+    # README "Results": on a CPU, airbench-mid won CIFAR-100's 10-minute budget.
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert TrainConfig().resolved(cpu, num_classes=10).model == "airbench-small"
+    assert TrainConfig().resolved(cpu, num_classes=100).model == "airbench-mid"
+    assert TrainConfig().resolved(cuda, num_classes=100).model == "airbench"
+    mid = create_model("airbench-mid", 100)
+    assert sum(p.numel() for p in mid.parameters()) == pytest.approx(1.13e6, rel=0.01)

@@ -85,7 +85,7 @@ def add_train_command(commands) -> None:
     p = commands.add_parser("train", help="train a model; writes a run folder with model.safetensors")
     add_data_options(p, "cifar100")
     p.add_argument("--model", default="auto", help="architecture (see `cifarlab models`); auto: "
-                   "airbench on a GPU, airbench-small on a CPU")
+                   "airbench on a GPU; on a CPU airbench-small, or airbench-mid for more than 10 classes")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", choices=["sgd", "muon", "adam"], help="muon: Muon on the conv filters, "

@@ -121,6 +121,18 @@ register_model(ModelSpec(
     many_class_recipe=_MANY_CLASS_RECIPE,
 ))
 
+# Between the two: on a 2-core CPU, the best of the three widths for CIFAR-100 in a 10-minute
+# budget (benchmarks/recipe_sweep.py; README "Results"), the CPU default for many classes.
+register_model(ModelSpec(
+    name="airbench-mid",
+    builder=AirbenchNet,
+    preprocessing="standardize",
+    description="airbench94 family, widths 48-192-192 (1.1M params); the CPU default for more than 10 classes",
+    default_args=dict(widths=(48, 192, 192)),
+    recipe=_RECIPE,
+    many_class_recipe=_MANY_CLASS_RECIPE,
+))
+
 # Fewer channels for a 2-core CPU (see benchmarks/train_speed.py for its throughput).
 register_model(ModelSpec(
     name="airbench-small",
