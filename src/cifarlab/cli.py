@@ -16,6 +16,8 @@ from pathlib import Path
 from cifarlab import __version__
 from cifarlab.errors import CifarlabError, StorageError
 
+# The train flags left unset take the chosen model's recipe, which `cifarlab models` lists.
+RECIPE_DEFAULT = "default: the model's recipe, see `cifarlab models`"
 DATA_HELP = ("cifar100, cifar10, or a path: an official CIFAR python archive (.tar.gz) or its "
              "extracted folder, or an ImageFolder dataset (train/<class>/*.png, test/<class>/*) "
              "as a folder, .tar.gz or .zip")
@@ -86,18 +88,20 @@ def add_train_command(commands) -> None:
     add_data_options(p, "cifar100")
     p.add_argument("--model", default="auto", help="architecture (see `cifarlab models`); auto: "
                    "airbench on a GPU; on a CPU airbench-small, or airbench-mid for more than 10 classes")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int, help=f"passes over the training images ({RECIPE_DEFAULT}; 8 for airbench)")
+    p.add_argument("--batch-size", type=int, help=f"images per step ({RECIPE_DEFAULT}; 2000 for airbench)")
     p.add_argument("--optimizer", choices=["sgd", "muon", "adam"], help="muon: Muon on the conv filters, "
                    "SGD on the rest (the airbench recipe's default)")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["triangle", "linear", "onecycle", "cosine", "constant"])
-    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({RECIPE_DEFAULT})")
+    p.add_argument("--weight-decay", type=float, help=f"({RECIPE_DEFAULT})")
+    p.add_argument("--schedule", choices=["triangle", "linear", "onecycle", "cosine", "constant"],
+                   help=f"learning-rate schedule over the run ({RECIPE_DEFAULT})")
+    p.add_argument("--label-smoothing", type=float,
+                   help=f"in [0, 1) ({RECIPE_DEFAULT}; airbench's is 0.3 for more than 10 classes)")
     p.add_argument("--translate", type=int, help="max random shift in pixels")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of train (default 0.2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights, split, shuffling and augmentation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on for CUDA and for CPUs with native bf16)")
@@ -126,7 +130,8 @@ def add_evaluate_command(commands) -> None:
     p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`, or an "
                    ".onnx written by `cifarlab export` (run with onnxruntime)")
     add_data_options(p, None)
-    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--split", choices=["val", "test"], default="test",
+                   help="test: the official test set (default); val: the split the run held out")
     p.add_argument("--tta", choices=["flip", "flip+translate"],
                    help="test-time augmentation: average the logits over each image and its mirror "
                         "(flip), and also over 1-pixel shifts (flip+translate)")
@@ -134,15 +139,15 @@ def add_evaluate_command(commands) -> None:
     p.add_argument("--report", type=Path, metavar="HTML",
                    help="also write a self-contained HTML report (with the run's history.csv if it "
                         "sits next to the model)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_evaluate)
 
 
 def add_predict_command(commands) -> None:
     p = commands.add_parser("predict", help="classify image files (PNG/JPEG)")
-    p.add_argument("model", type=Path)
-    p.add_argument("images", type=Path, nargs="+")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`")
+    p.add_argument("images", type=Path, nargs="+", help="PNG or JPEG files")
+    p.add_argument("--top", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--resize", action="store_true", help="resize images that are not the model's size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=run_predict)
@@ -373,6 +378,9 @@ def run_models(args) -> int:
     for name in list_models():
         spec = get_model_spec(name)
         print(f"{name:16s} {spec.description} [preprocessing: {spec.preprocessing}]")
+        recipe = " ".join(f"{key}={value}" for key, value in spec.recipe.items())
+        many = " ".join(f"{key}={value}" for key, value in spec.many_class_recipe.items())
+        print(f"{'':16s} recipe: {recipe}" + (f"; for more than 10 classes: {many}" if many else ""))
     return 0
 
 

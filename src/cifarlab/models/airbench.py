@@ -138,7 +138,7 @@ register_model(ModelSpec(
     name="airbench-small",
     builder=AirbenchNet,
     preprocessing="standardize",
-    description="airbench94 family, widths 32-128-128 (0.5M params); the CPU default",
+    description="airbench94 family, widths 32-128-128 (0.5M params); the CPU default for up to 10 classes",
     default_args=dict(widths=(32, 128, 128)),
     recipe=_RECIPE,
     many_class_recipe=_MANY_CLASS_RECIPE,
