@@ -41,7 +41,7 @@ def test_plan_epochs_gives_at_least_one_epoch_or_says_what_would_fit():
 
 @pytest.mark.parametrize("cfg,message", [
     (dict(epochs=3, time_budget=1.0), "exclude each other"),
-    (dict(time_budget=0.0), "--time-budget must be positive"),
+    (dict(time_budget=0.0), "--time-budget must be a positive number"),
 ])
 def test_bad_budgets_are_refused(cfg, message):
     with pytest.raises(CifarlabError, match=message):
@@ -180,3 +180,28 @@ def test_cli_evaluate_tta(trained, tmp_path, monkeypatch, capsys):
                  "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["tta"] == "flip"
     assert "test-time augmentation: flip" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cfg,flag", [
+    (dict(lr=float("nan")), "--lr"), (dict(lr=float("inf")), "--lr"), (dict(lr=0.0), "--lr"),
+    (dict(weight_decay=-1e-4), "--weight-decay"), (dict(weight_decay=float("nan")), "--weight-decay"),
+    (dict(label_smoothing=1.0), "--label-smoothing"), (dict(label_smoothing=-0.1), "--label-smoothing"),
+    (dict(seed=-1), "--seed"), (dict(seed=2**63), "--seed"),
+    (dict(time_budget=float("inf")), "--time-budget"), (dict(time_budget=float("nan")), "--time-budget"),
+    (dict(max_train_images=0), "--max-train-images"), (dict(epochs=0), "--epochs"),
+    (dict(val_fraction=float("nan")), "--val-fraction"),
+])
+def test_out_of_range_settings_are_refused_naming_the_flag(cfg, flag):
+    with pytest.raises(CifarlabError, match=flag):
+        TrainConfig(**cfg).validate()
+
+
+@pytest.mark.parametrize("device", ["meta", "tpu", "nonsense", "cpu:x"])
+def test_unknown_devices_are_refused(device, capsys):
+    assert main(["train", "--device", device, "--data", "cifar10"]) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_fewer_training_images_than_classes_is_refused():
+    with pytest.raises(CifarlabError, match="fewer than one image per class"):
+        Trainer(TrainConfig(**TINY, epochs=1, max_train_images=3), tiny_dataset(), progress=False)

@@ -75,4 +75,4 @@ def test_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 
 def test_bad_time_budget_is_refused_before_the_data(tmp_path, capsys):
     assert main(["demo", "--data", "cifar100", "--time-budget", "0", "--out", str(tmp_path / "d")]) == 2
-    assert "--time-budget must be positive" in capsys.readouterr().err
+    assert "--time-budget must be a positive number" in capsys.readouterr().err

@@ -79,6 +79,13 @@ def test_predict_refuses_what_the_model_was_not_trained_on(bad, message):
     assert message in str(info.value)
 
 
+
+@pytest.mark.parametrize("batch_size", [0, -5, 2.5, True])
+def test_predict_refuses_a_batch_size_that_is_not_a_positive_integer(batch_size):
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+        classifier().predict(IMAGES, batch_size=batch_size)
+
+
 def test_input_statistics():
     stats = input_statistics(IMAGES)
     np.testing.assert_allclose(stats["mean"], IMAGES.reshape(-1, 3).mean(0), atol=1e-3)

@@ -85,8 +85,6 @@ def run_demo(data: str = "cifar100", out: Path = Path("demo"), time_budget: floa
                       max_train_images=DEMO_TRAIN_IMAGES if max_train_images is None else max_train_images,
                       seed=seed)
     cfg.validate()  # before a possibly long download
-    if max_train_images is not None and max_train_images < 1:
-        raise CifarlabError(f"--max-train-images must be at least 1, got {max_train_images}")
     say = _printer(progress)
     say(f"[1/{STEPS}] data: {data}")
     dataset = load_demo_data(data, progress)

@@ -95,6 +95,8 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def predict_logits(self, images: Any, batch_size: int = 1000) -> np.ndarray:
         """Logits (N, C) for raw uint8 NHWC images; validates the input first."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch = validate_images(images, self.image_size)
         was_training = self.training
         self.eval()

@@ -119,7 +119,14 @@ class TrainConfig:
         checks = [
             (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr is None or _positive(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.weight_decay is None or (math.isfinite(self.weight_decay) and self.weight_decay >= 0),
+             f"--weight-decay must be 0 or more, got {self.weight_decay}"),
+            (self.label_smoothing is None or 0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
+            (self.max_train_images is None or self.max_train_images >= 1,
+             f"--max-train-images must be at least 1, got {self.max_train_images}"),
             (self.optimizer in (None,) + OPTIMIZERS,
              f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.filter_lr is None or self.filter_lr > 0, f"filter_lr must be positive, got {self.filter_lr}"),
@@ -133,8 +140,8 @@ class TrainConfig:
             (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.amp in ("auto", "on", "off"), f"--amp must be auto, on or off, got {self.amp!r}"),
-            (self.time_budget is None or self.time_budget > 0,
-             f"--time-budget must be positive (minutes), got {self.time_budget}"),
+            (self.time_budget is None or _positive(self.time_budget),
+             f"--time-budget must be a positive number of minutes, got {self.time_budget}"),
             # A planned run (resumed from its checkpoint) carries both, the epochs from the plan.
             (self.epochs is None or self.time_budget is None or self.plan is not None,
              "--epochs and --time-budget exclude each other: the budget decides the number of epochs"),
@@ -191,12 +198,23 @@ def bf16_is_fast(device: torch.device) -> bool:
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _positive(value: float) -> bool:
+    """A positive finite number (inf and NaN are not)."""
+    return math.isfinite(value) and value > 0
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise CifarlabError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise CifarlabError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return torch.device(name)
+    return device
 
 
 SCHEDULES = ("triangle", "linear", "onecycle", "cosine", "constant")
@@ -430,6 +448,10 @@ class Trainer:
         Returns it as the host array, for the model's input statistics.
         """
         cfg = self.cfg
+        num_classes = len(self.dataset.classes)
+        if cfg.max_train_images is not None and cfg.max_train_images < num_classes:
+            raise CifarlabError(f"--max-train-images {cfg.max_train_images} is fewer than one image per class "
+                                f"({num_classes} classes); give at least {num_classes}, better 10 per class or more")
         train_x, train_y = get_split(self.dataset, "train", cfg.val_fraction, cfg.seed)
         train_x, train_y = subsample(train_x, train_y, cfg.max_train_images, cfg.seed)
         self.train_x, self.train_y = self._to_device(train_x, train_y)
