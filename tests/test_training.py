@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from cifarlab.data import load_dataset
-from cifarlab.modelfile import load_model, read_safetensors
+from cifarlab.errors import CifarlabError, ModelFileError
+from cifarlab.modelfile import load_model, read_safetensors, save_model
 from cifarlab.training import (EMA_EVERY, Trainer, TrainConfig, WeightEMA, join_optimizer_state, lr_at,
-                               resume, split_optimizer_state, train)
+                               read_checkpoint, resume, split_optimizer_state, train)
 from synthetic import synthetic_dataset, write_image_folder
 
 QUICK = dict(model="airbench-small", epochs=3, batch_size=32, lr=0.2, seed=0, device="cpu")
@@ -216,3 +217,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         assert all(torch.equal(wf[k], wr[k]) for k in wf)
     finally:
         del os.environ["CIFARLAB_HOME"]
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    # A learning rate of 1e30 makes the loss NaN in the second epoch (the first still ends finite).
+    cfg = TrainConfig(**dict(QUICK, lr=1e30, epochs=2))
+    with pytest.raises(CifarlabError, match=r"training diverged in epoch 2: the loss \(nan\).*epoch 1.*kept"):
+        train(cfg, dataset=synthetic_dataset(n_train_per_class=10, n_test_per_class=5), run_dir=tmp_path / "run",
+              progress=False)
+    tensors, state = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert [row["epoch"] for row in state["history"]] == [1]
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # no model from a diverged run
+
+
+def test_a_model_file_with_non_finite_weights_is_refused(tmp_path):
+    result = train(TrainConfig(**dict(QUICK, epochs=1)), dataset=synthetic_dataset(), run_dir=tmp_path / "run",
+                   progress=False)
+    model = result.model
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    save_model(model, tmp_path / "nan.safetensors")
+    with pytest.raises(ModelFileError, match="hold NaN or infinite values"):
+        load_model(tmp_path / "nan.safetensors")

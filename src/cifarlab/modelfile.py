@@ -275,6 +275,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
             f"{meta.get('format_version')!r}; this cifarlab reads {FORMAT} up to version {FORMAT_VERSION}."
         )
     _check_meta(meta, path)
+    bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ModelFileError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): the training that wrote it diverged. "
+                             "Retrain (e.g. with a lower --lr) or use an earlier checkpoint.")
     model = _build_matching(meta, tensors, path)
     try:
         model.load_state_dict(tensors)

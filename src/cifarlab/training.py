@@ -621,6 +621,7 @@ class Trainer:
             epoch += 1
             epoch_start = time.perf_counter()
             row = self.train_epoch(epoch)
+            self.check_diverged(epoch, row)  # before anything of this epoch is written
             row.update(self.evaluate_val())
             self.history.append(row)
             if epoch == 1 and self.cfg.plan is not None and "first_epoch_seconds" not in self.cfg.plan:
@@ -638,6 +639,17 @@ class Trainer:
         result = self.finish()
         distributed.barrier()  # no rank returns before rank 0 has written the model
         return result
+
+    def check_diverged(self, epoch: int, row: dict[str, Any]) -> None:
+        """Stop a run whose loss or weights went non-finite; the last checkpoint stays as it was."""
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.eval_model.parameters())
+        if math.isfinite(row["train_loss"]) and weights_finite:
+            return
+        what = "the weights" if math.isfinite(row["train_loss"]) else f"the loss ({row['train_loss']})"
+        kept = (f"The checkpoint of epoch {epoch - 1} in {self.run_dir} is kept as it was"
+                if epoch > 1 else "Nothing was saved")
+        raise CifarlabError(f"training diverged in epoch {epoch}: {what} became NaN or infinite. {kept}. "
+                            "Train again with a lower --lr.")
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, model = self.cfg, self.model
