@@ -645,3 +645,33 @@ def test_cifar10_jpeg_fixture(cifar10_jpeg: Dataset) -> None:
     assert cifar10_jpeg.name == "cifar10-jpeg" and len(cifar10_jpeg.classes) == 10
     x, y = get_split(cifar10_jpeg, "val", 0.1, seed=0)
     assert x.shape == (5000, 32, 32, 3) and np.bincount(y).tolist() == [500] * 10
+
+
+def sixteen_bit_png(path: Path, levels: np.ndarray) -> None:
+    """A real 16-bit grayscale PNG (Pillow mode I;16) with these 0..65535 levels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(levels.astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped_white(tmp_path: Path, cache: Path) -> None:
+    levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            sixteen_bit_png(tmp_path / "deep" / split / cls / "0.png", levels)
+    ds = load_dataset(tmp_path / "deep", cache_dir=cache, progress=False)
+    pixels = ds.train_x[0]
+    expected = np.round(levels / 257).astype(np.uint8)
+    np.testing.assert_array_equal(pixels[..., 0], expected)  # 65535 -> 255, 32768 -> 128, 0 -> 0
+    assert pixels.mean() == pytest.approx(127.5, abs=0.5)  # not 255: the clipping this replaced
+
+
+def test_deep_image_files_given_to_predict_are_scaled_or_refused(tmp_path: Path) -> None:
+    from cifarlab.predict import read_image
+
+    levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    sixteen_bit_png(tmp_path / "deep.png", levels)
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.png", (32, 32))[..., 1], np.round(levels / 257))
+    Image.fromarray(np.full((32, 32), 0.5, np.float32), "F").save(tmp_path / "float.tif")
+    with pytest.raises(InputError, match="float.tif: it has floating-point pixels, whose range the file does not"):
+        read_image(tmp_path / "float.tif", (32, 32))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cifarlab.data.imagefolder import IMAGE_FORMATS, MAX_IMAGE_PIXELS
+from cifarlab.data.imagefolder import IMAGE_FORMATS, MAX_IMAGE_PIXELS, to_rgb
 from cifarlab.errors import InputError
 from cifarlab.modelfile import Classifier
 
@@ -32,7 +32,10 @@ def read_image(path: str | Path, size: tuple[int, int], resize: bool = False) ->
                     f"{path}: the model takes {size[1]}x{size[0]} images, this one is "
                     f"{image.size[0]}x{image.size[1]}; pass --resize to scale it"
                 )
-            image = image.convert("RGB")  # grayscale, palette and RGBA files become RGB
+            try:
+                image = to_rgb(image)  # grayscale, palette, RGBA and 16-bit files become 8-bit RGB
+            except ValueError as exc:
+                raise InputError(f"{path}: {exc}") from None
             if image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.BICUBIC)
             return np.asarray(image, dtype=np.uint8)

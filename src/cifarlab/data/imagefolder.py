@@ -152,6 +152,28 @@ def _decode_one(where: str, data: bytes, resize: bool) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+# Pillow modes of more than 8 bits per channel. Converting them to RGB directly clips every
+# value above 255 (a 16-bit PNG comes out white), so 16-bit ones are scaled to 8 bits, and
+# 32-bit integer and float ones (TIFF), whose value range the file does not state, refused.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+WIDE_MODES = ("I", "F")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB: 16-bit grayscale scaled (65535 -> 255), other modes converted.
+
+    Raises ValueError for 32-bit integer and floating-point images: which values mean black
+    and white is not written in the file (0..1? 0..255? 0..65535?).
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(img, dtype=np.uint32)
+        img = Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode in WIDE_MODES:
+        raise ValueError(f"it has {'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels, whose "
+                         "range the file does not state; save it as 8-bit (or 16-bit PNG) RGB first")
+    return img.convert("RGB")  # grayscale, RGBA, palette, CMYK -> RGB
+
+
 def _decode_rgb(where: str, data: bytes, resize: bool) -> Image.Image:
     """The image as RGB; size checks use the header only, before any pixel is decoded."""
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
@@ -163,4 +185,7 @@ def _decode_rgb(where: str, data: bytes, resize: bool) -> Image.Image:
                 f"{where} is {img.width}x{img.height}; images must be {IMAGE_SIZE}x{IMAGE_SIZE}. "
                 "Pass --resize to resize every image to 32x32 (bicubic)."
             )
-        return img.convert("RGB")  # grayscale, RGBA, palette, CMYK -> RGB
+        try:
+            return to_rgb(img)
+        except ValueError as exc:
+            raise _Undecodable(str(exc)) from None
