@@ -154,3 +154,10 @@ def test_predict_rejects_non_images(real_model, tmp_path):
     text_file.write_text("not an image")
     proc = cifarlab("predict", real_model, text_file, check=False)
     assert proc.returncode == 2 and "cannot be read as an image" in proc.stderr
+
+
+def test_a_mistyped_option_names_the_close_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "model.safetensors", "--splitt", "test"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --splitt test (did you mean --split" in capsys.readouterr().err

@@ -7,11 +7,13 @@ validation errors too), 130 interrupted. Tracebacks are shown only with --debug.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from cifarlab import __version__
 from cifarlab.errors import CifarlabError, StorageError
@@ -23,8 +25,21 @@ DATA_HELP = ("cifar100, cifar10, or a path: an official CIFAR python archive (.t
              "as a folder, .tar.gz or .zip")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, and a mistyped option names the close ones (Python 3.14's suggest_on_error)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            known = [flag for action in self._actions for flag in action.option_strings]
+            typed = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+            close = sorted({match for word in typed for match in difflib.get_close_matches(word, known, n=2)})
+            if close:
+                message += f" (did you mean {' or '.join(close)}?)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifarlab", description=__doc__.splitlines()[0])
+    parser = Parser(prog="cifarlab", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -385,7 +400,11 @@ def run_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, which knows its own flags to suggest
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subcommands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except CifarlabError as exc:
