@@ -40,17 +40,17 @@ from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
 # (37.4%) fed raw pixels drops to 6.1% on 2,000 test images, 45 classes still predicted: partial
 # collapse (benchmarks/results/diagnosis_calibration.csv; the README diagnose example shows it);
 # airbench-small (59%) drops to 2.2% with 30 classes predicted, and in the demo's 3-minute
-# budget 45.0% drops to 3.3% with five classes taking 93% of the predictions. Its BatchNorm
+# budget 46.8% drops to 2.5% with four classes taking 97% of the predictions. Its BatchNorm
 # statistics, frozen at evaluation, turn 255x larger inputs into activations far outside
 # training, where keras-cnn's ReLU convolutions are nearly scale-invariant and its tanh
 # layer saturates into a sign pattern that keeps some information (on the CIFAR-10 JPEG
 # copy: 37% instead of 68% after 10 epochs). And the default learns more per CPU minute:
-# keras-cnn is at 32% after the same 166 s of training (benchmarks/train_speed.py's
-# CIFAR-100 curve), against the demo's 45%.
+# keras-cnn is at 30.5% after 121 s of training (benchmarks/train_speed.py's CIFAR-100
+# curve), where the demo's model reaches 46.8% in 125 s.
 # On a CPU the demo keeps airbench-small even for CIFAR-100, where `train`'s auto picks
 # airbench-mid: mid wins a 10-minute budget on all 50,000 images, but the demo's figures
-# above (3 minutes, 20,000 images, 13 epochs) were measured with small, and mid at that
-# budget was not.
+# above (3 minutes, about 18,000 images, 16 epochs) were measured with small, and mid at
+# that budget was not.
 DEMO_MODEL = "auto"
 DEMO_CPU_MODEL = "airbench-small"
 LABEL_CORRECT = "correct preprocessing"
