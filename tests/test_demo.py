@@ -21,6 +21,8 @@ def test_demo_reproduces_the_forgotten_division_and_names_it(cifar10_jpeg, cifar
     monkeypatch.setenv("CIFARLAB_HOME", str(cifarlab_home))  # the copy the fixture decoded
     out = tmp_path / "demo"
     summary = run_demo(str(CIFAR10_JPEG), out, epochs=2, max_train_images=10_000, progress=False)
+    # The images it really trained on: 1,000 of each class's 4,000 (after the 20% validation split).
+    assert summary["trained"]["train_images"] == 10_000 and not summary["trained"]["fitted_to_budget"]
 
     correct, raw = summary["accuracy_correct"], summary["accuracy_raw_pixels"]
     assert correct > 0.3, f"the demo model trained badly ({correct:.1%})"

@@ -40,7 +40,8 @@ from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
 # (37.4%) fed raw pixels drops to 6.1% on 2,000 test images, 45 classes still predicted: partial
 # collapse (benchmarks/results/diagnosis_calibration.csv; the README diagnose example shows it);
 # airbench-small (59%) drops to 2.2% with 30 classes predicted, and in the demo's 3-minute
-# budget 46.8% drops to 2.5% with four classes taking 97% of the predictions. Its BatchNorm
+# budget 46.8% drops to 2.5% (16 epochs; 39.6% and 2.9% in a slower run of 10 epochs), four
+# classes taking 97-99% of the predictions. Its BatchNorm
 # statistics, frozen at evaluation, turn 255x larger inputs into activations far outside
 # training, where keras-cnn's ReLU convolutions are nearly scale-invariant and its tanh
 # layer saturates into a sign pattern that keeps some information (on the CIFAR-10 JPEG
@@ -49,8 +50,8 @@ from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
 # curve), where the demo's model reaches 46.8% in 125 s.
 # On a CPU the demo keeps airbench-small even for CIFAR-100, where `train`'s auto picks
 # airbench-mid: mid wins a 10-minute budget on all 50,000 images, but the demo's figures
-# above (3 minutes, about 18,000 images, 16 epochs) were measured with small, and mid at
-# that budget was not.
+# above (3 minutes, 18,000 images, 10-16 epochs) were measured with small, and mid at that
+# budget was not.
 DEMO_MODEL = "auto"
 DEMO_CPU_MODEL = "airbench-small"
 LABEL_CORRECT = "correct preprocessing"
@@ -209,7 +210,6 @@ def write_demo_report(out: Path, trained: TrainResult, dataset: Dataset) -> Path
 
 def make_summary(out: Path, dataset: Dataset, trained: TrainResult, correct: dict[str, Any],
                  raw: dict[str, Any], diagnosis: Diagnosis, report: Path, seconds: float) -> dict[str, Any]:
-    recipe = trained.model.meta["recipe"]
     ranked = diagnosis.ranked()
     top = ranked[0] if ranked else None
     # The seed's vertical bars in words: which classes take the raw-pixel predictions.
@@ -220,9 +220,9 @@ def make_summary(out: Path, dataset: Dataset, trained: TrainResult, correct: dic
         "num_test_images": int(correct["num_samples"]),
         "model": str(out / "run" / "model.safetensors"),
         "trained": {**{k: trained_metrics.get(k) for k in ("epochs", "train_seconds", "val_acc")},
-                    "train_images": recipe["max_train_images"] or len(dataset.train_y),
+                    "train_images": trained.model.meta["metrics"]["train_images"],
                     # Set when --fit-budget took fewer images than asked (see training.FIT_MIN_EPOCHS).
-                    "fitted_to_budget": "fitted_train_images" in (recipe.get("plan") or {})},
+                    "fitted_to_budget": "fitted_train_images" in (trained.model.meta["recipe"]["plan"] or {})},
         "architecture": correct["model"]["architecture"],
         "accuracy_correct": correct["accuracy"],
         "accuracy_raw_pixels": raw["accuracy"],

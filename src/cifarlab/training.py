@@ -781,7 +781,8 @@ class Trainer:
         meta = model.meta
         meta["recipe"] = asdict(self.cfg)  # here, not at init: a time budget's plan comes later
         meta["metrics"] = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-        meta["metrics"].update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history))
+        meta["metrics"].update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history),
+                               train_images=len(self.train_y))
         meta["created"] = datetime.now().isoformat(timespec="seconds")
         path = self.run_dir / "model.safetensors"
         if distributed.is_main():  # the other ranks return the same model, unsaved

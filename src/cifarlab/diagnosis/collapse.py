@@ -56,9 +56,9 @@ CIFAR-10 (JPEG copy) and CIFAR-100, evaluates each correctly and with each class
     and checkpoints taken in the middle of a decaying schedule (airbench-small at
     its peak learning rate) predict as unevenly as a broken pipeline and are
     reported as a collapse; from the outputs alone they cannot be told apart.
-    Over- and under-predicted classes (``OVER_PREDICTED = 2``x and ``STARVED = 0.25``x their share of the labels)
-    name the bars and the starved classes in the title, and the total
-    variation distance between the two distributions is in the evidence.
+    Over- and under-predicted classes (``OVER_PREDICTED = 2``x and ``STARVED = 0.25``x
+    their share of the labels) name the bars and the starved classes in the title,
+    and the total variation distance between the two distributions is in the evidence.
 ``MIN_SAMPLES_PER_CLASS = 10``
     Collapse and re-mapping checks need at least 10 samples per class (a cyclic
     shift of the labels does not: see ``SHIFT_EXPLAINS``). With
