@@ -15,7 +15,9 @@ from synthetic import synthetic_dataset
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from cifarlab.export import export_onnx, preprocess_float, read_onnx_metadata  # noqa: E402
+from cifarlab.export import export_onnx  # noqa: E402
+from cifarlab.onnx import read_onnx_metadata  # noqa: E402
+from cifarlab.runner import apply_preprocessing  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["keras-cnn", "airbench-small"])
@@ -50,7 +52,7 @@ def test_float_export_takes_preprocessed_nhwc(trained, tmp_path):
     info = export_onnx(trained.model_path, tmp_path / "model.onnx", input="float")  # from the file
     meta = read_onnx_metadata(info["path"])
     images = random_images()
-    got = run_onnx(info["path"], preprocess_float(images, meta["expected_preprocessing"]))
+    got = run_onnx(info["path"], apply_preprocessing(images, meta["expected_preprocessing"]))
     assert np.abs(got - trained.model.predict_logits(images)).max() < 1e-4
     expected = meta["expected_preprocessing"]
     if trained.model.meta["preprocessing"]["kind"] == "scale":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cifarlab.augment import fold_coordinates
-from cifarlab.data import Dataset, get_split, load_dataset, split_info
+from cifarlab.data import Dataset, check_classes, resolve_dataset, split_images
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import classification_report, save_confusion_json, softmax
 from cifarlab.modelfile import Classifier, load_model, validate_images
@@ -40,7 +40,7 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
     """Evaluate `model` on `split` ("val" or "test") of `data` and write the report files.
 
     `model`: a Classifier, a model.safetensors, or an .onnx file written by `cifarlab export`
-    (run with onnxruntime; see cifarlab.onnx_model). `data` defaults to the dataset the model
+    (run with onnxruntime; see cifarlab.onnx). `data` defaults to the dataset the model
     was trained on; "val" is the exact validation split recorded in the model file. `tta`:
     True or "flip", or "flip+translate" (see predict_logits_tta). `label` names this
     evaluation in metrics.json and the plot titles (e.g. "correct preprocessing"). Returns
@@ -51,14 +51,14 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
         raise CifarlabError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     model_path = None if isinstance(model, Classifier) else Path(model)
     if model_path is not None and model_path.suffix.lower() == ".onnx":
-        from cifarlab.onnx_model import open_onnx_classifier  # onnxruntime is optional
+        from cifarlab.onnx import open_onnx_classifier  # onnxruntime is optional
 
         model, dataset = open_onnx_classifier(model_path, data, progress)
     else:
         model = load_model(model_path) if model_path is not None else model
-        dataset = resolve_dataset(model, data, progress)
-    check_classes(model, dataset)
-    images, labels = split_images(model.meta, dataset, split)
+        dataset = resolve_dataset(data, model.meta.get("dataset"), progress)
+    check_classes(model.classes, dataset)
+    images, labels = split_images(model.meta.get("split"), dataset, split)
 
     logits = model.predict_logits(images) if tta is None else predict_logits_tta(model, images, tta)
     probs = softmax(logits)
@@ -101,44 +101,6 @@ def tta_views(images: torch.Tensor, tta: str) -> Iterator[torch.Tensor]:
         view = images[:, rows][:, :, cols]
         yield view
         yield view.flip(2)
-
-
-def resolve_dataset(model: Classifier, data: str | Dataset | None, progress: bool) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
-    spec = data or model.meta.get("dataset", {}).get("spec")
-    if not spec:
-        raise CifarlabError("the model file does not say which dataset it was trained on; pass --data")
-    return load_dataset(spec, progress=progress)
-
-
-def check_classes(model: Classifier, dataset: Dataset) -> None:
-    if list(dataset.classes) != list(model.classes):
-        raise CifarlabError(
-            f"the dataset's classes do not match the model's: model has {len(model.classes)} "
-            f"({', '.join(model.classes[:5])}, ...), dataset {dataset.name!r} has "
-            f"{len(dataset.classes)} ({', '.join(dataset.classes[:5])}, ...). "
-            "Evaluate on the dataset the model was trained on (--data)."
-        )
-
-
-def split_images(meta: dict[str, Any], dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The images of `split`; for "val", the very split the model (`meta`) was trained without."""
-    if split == "test":
-        return get_split(dataset, "test")
-    if split != "val":
-        raise CifarlabError(f"--split must be 'val' or 'test', got {split!r}")
-    recorded = meta.get("split")
-    if not recorded or not recorded.get("n_val"):
-        raise CifarlabError("this model was trained without a validation split; use --split test")
-    fraction, seed = recorded["val_fraction"], recorded["seed"]
-    if split_info(dataset, fraction, seed)["val_indices_sha256"] != recorded["val_indices_sha256"]:
-        raise CifarlabError(
-            "this dataset's validation split differs from the one recorded in the model file "
-            "(a different copy or version of the data?), so 'val' would include training images. "
-            "Use --split test."
-        )
-    return get_split(dataset, "val", fraction, seed)
 
 
 def default_out_dir(model_path: Path | None, split: str) -> Path:

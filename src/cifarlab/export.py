@@ -37,8 +37,9 @@ from torch import nn
 from cifarlab.errors import CifarlabError
 from cifarlab.fileio import chmod_default, fsync_dir, storage_error
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
+from cifarlab.onnx import import_onnx_package
+from cifarlab.runner import apply_preprocessing
 
-ONNX_HINT = "pip install 'cifarlab[onnx]'"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Outputs must match PyTorch to this fraction of the logit scale (float32 reorderings
 # in onnxruntime's kernels stay orders of magnitude below it).
@@ -145,16 +146,6 @@ def _write_metadata(onnx: Any, path: str, metadata: dict[str, str]) -> None:
     onnx.save(proto, path)
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
-    """The cifarlab metadata of an exported file (with "classes" decoded), {} if it has none."""
-    ort = import_onnx_package("onnxruntime")
-    props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-    meta = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
-    if "classes" in props:
-        meta["classes"] = json.loads(props["classes"])
-    return meta
-
-
 @torch.no_grad()
 def verify_onnx(classifier: Classifier, path: str | Path, input: str, n: int = 16, seed: int = 0) -> float:
     """Max |onnxruntime - PyTorch| logits on random images; raises past the tolerance.
@@ -166,7 +157,7 @@ def verify_onnx(classifier: Classifier, path: str | Path, input: str, n: int = 1
     h, w = classifier.image_size
     pixels = np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
     expected = classifier.eval()(torch.from_numpy(pixels)).numpy()
-    feed = pixels if input == "uint8" else preprocess_float(pixels, expected_preprocessing(classifier, input))
+    feed = pixels if input == "uint8" else apply_preprocessing(pixels, expected_preprocessing(classifier, input))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {INPUT_NAME: feed})[0]
     diff = float(np.abs(got - expected).max())
@@ -175,18 +166,3 @@ def verify_onnx(classifier: Classifier, path: str | Path, input: str, n: int = 1
         raise CifarlabError(f"ONNX export of {classifier.meta['architecture']} does not match PyTorch: "
                             f"max |difference| {diff:.3g} on logits of scale {scale:.3g}")
     return diff
-
-
-def preprocess_float(pixels: np.ndarray, expected: dict[str, Any]) -> np.ndarray:
-    """Apply an `expected_preprocessing` dict (input="float") to raw uint8 NHWC pixels."""
-    mean = np.asarray(expected["mean"], np.float32)
-    std = np.asarray(expected["std"], np.float32)
-    return ((pixels.astype(np.float32) - mean) / std).astype(np.float32)
-
-
-def import_onnx_package(name: str) -> Any:
-    """onnx or onnxruntime, which are optional: a clear error says how to install them."""
-    try:
-        return __import__(name)
-    except ImportError:
-        raise CifarlabError(f"this needs the {name} package, an optional extra: {ONNX_HINT}") from None

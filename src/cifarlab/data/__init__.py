@@ -52,8 +52,8 @@ from cifarlab.data.cifar import (
 from cifarlab.data.dataset import Dataset
 from cifarlab.data.fetch import download
 from cifarlab.data.imagefolder import _imagefolder_from_tree, check_bad_images
-from cifarlab.data.split import get_split, split_indices, split_info
-from cifarlab.errors import ChecksumError, DataError
+from cifarlab.data.split import get_split, split_images, split_indices, split_info
+from cifarlab.errors import ChecksumError, CifarlabError, DataError
 
 __all__ = [
     "Dataset",
@@ -62,6 +62,9 @@ __all__ = [
     "split_indices",
     "get_split",
     "split_info",
+    "split_images",
+    "resolve_dataset",
+    "check_classes",
     "download",
 ]
 
@@ -258,3 +261,25 @@ def _build_from_path(
     else:
         ds = _imagefolder_from_tree(tree, _stem(path), source, resize, progress, bad_images)
     return ds, verify or not (official or official_folder)
+
+
+def resolve_dataset(data: str | Dataset | None, recorded: dict | None, progress: bool = True,
+                    resize: bool = False) -> Dataset:
+    """`data` (a Dataset or a spec for load_dataset), else the dataset a model file records."""
+    if isinstance(data, Dataset):
+        return data
+    spec = data or (recorded or {}).get("spec")
+    if not spec:
+        raise CifarlabError("the model file does not say which dataset it was trained on; pass --data")
+    return load_dataset(spec, progress=progress, resize=resize)
+
+
+def check_classes(classes: list[str], dataset: Dataset) -> None:
+    """Refuse to score a model on a dataset whose class names (and order) differ from its own."""
+    if list(dataset.classes) != list(classes):
+        raise CifarlabError(
+            f"the dataset's classes do not match the model's: model has {len(classes)} "
+            f"({', '.join(classes[:5])}, ...), dataset {dataset.name!r} has "
+            f"{len(dataset.classes)} ({', '.join(dataset.classes[:5])}, ...). "
+            "Evaluate on the dataset the model was trained on (--data)."
+        )

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 
 from cifarlab.data.dataset import Dataset
-from cifarlab.errors import InputError
+from cifarlab.errors import CifarlabError, InputError
 
 
 def split_indices(labels: np.ndarray, val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -58,3 +58,24 @@ def split_info(ds: Dataset, val_fraction: float, seed: int) -> dict:
         "n_val": int(len(val_idx)),
         "val_indices_sha256": hashlib.sha256(val_idx.astype("<i8").tobytes()).hexdigest(),
     }
+
+
+def split_images(recorded: dict | None, dataset: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images of `split`; for "val", the very split a model was trained without.
+
+    `recorded` is the model file's "split" record (val_fraction, seed, the indices' hash).
+    """
+    if split == "test":
+        return get_split(dataset, "test")
+    if split != "val":
+        raise CifarlabError(f"--split must be 'val' or 'test', got {split!r}")
+    if not recorded or not recorded.get("n_val"):
+        raise CifarlabError("this model was trained without a validation split; use --split test")
+    fraction, seed = recorded["val_fraction"], recorded["seed"]
+    if split_info(dataset, fraction, seed)["val_indices_sha256"] != recorded["val_indices_sha256"]:
+        raise CifarlabError(
+            "this dataset's validation split differs from the one recorded in the model file "
+            "(a different copy or version of the data?), so 'val' would include training images. "
+            "Use --split test."
+        )
+    return get_split(dataset, "val", fraction, seed)

@@ -22,7 +22,8 @@ from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
 from cifarlab.diagnosis.inputs import as_labels, load_array
 from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes, train_mode_finding
 from cifarlab.diagnosis.report import CAUSE_IDS, Diagnosis, Finding
-from cifarlab.diagnosis.runners import ModelRunner, open_model
+from cifarlab.diagnosis.runners import open_model
+from cifarlab.runner import ModelRunner
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.metrics import MAX_CLASSES, as_array, softmax
 
@@ -179,8 +180,7 @@ def _resized(images: np.ndarray, runner: ModelRunner) -> np.ndarray:
 def _dataset_images(runner: ModelRunner, data: Any, split: str,
                     resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A dataset split as raw uint8 images; for a cifarlab model, "val" is its recorded split."""
-    from cifarlab.data import Dataset, get_split, load_dataset
-    from cifarlab.evaluation import split_images
+    from cifarlab.data import Dataset, get_split, load_dataset, split_images
 
     spec = data or (runner.meta or {}).get("dataset", {}).get("spec")
     if spec is None:
@@ -188,7 +188,7 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str,
                             "or --data with --split")
     dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False, resize=resize)
     if runner.kind == "cifarlab" and runner.meta is not None:
-        return split_images(runner.meta, dataset, split)
+        return split_images(runner.meta.get("split"), dataset, split)
     if split not in ("val", "test"):
         raise CifarlabError(f"--split must be val or test, got {split!r}")
     return get_split(dataset, split)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cifarlab.diagnosis.collapse import prediction_stats
 from cifarlab.diagnosis.report import Finding
-from cifarlab.diagnosis.runners import ModelRunner, expected_shape, shape_fits
+from cifarlab.runner import ModelRunner, expected_shape, shape_fits
 from cifarlab.errors import InputError
 
 # Per-channel mean/std on the 0..1 scale. "cifar" is the average of the CIFAR-10 and

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifarlab.models import ModelSpec, register_model
+from cifarlab.models.registry import ModelSpec, register_model
 
 
 class BiasOnlyBatchNorm(nn.BatchNorm2d):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cifarlab.models import ModelSpec, register_model
+from cifarlab.models.registry import ModelSpec, register_model
 
 
 class KerasCNN(nn.Module):

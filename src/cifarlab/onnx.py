@@ -1,0 +1,211 @@
+"""ONNX files: the optional packages, reading a graph's input contract and metadata, and
+running it.
+
+onnx and onnxruntime are optional (`pip install 'cifarlab[onnx]'`) and imported only when an
+ONNX file is opened or written. `open_onnx` gives a `ModelRunner` (the graph as written, for
+diagnosis); `open_onnx_classifier` gives what `evaluate` needs:
+
+* a uint8 export by `cifarlab export` is fed the raw pixels, as a `Classifier` is;
+* a float export is fed the pixels preprocessed as its metadata states
+  (`expected_preprocessing`: x / 255, or the training mean/std), so it scores exactly what
+  the model would.
+
+A file without cifarlab metadata (exported by other tools) says nothing about its classes,
+dataset or preprocessing. It can still be evaluated when the dataset is given (`--data`:
+its class names) and the graph takes raw uint8 NHWC pixels, the only input that needs no
+assumption about preprocessing; anything else is refused with what to do instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifarlab.data import Dataset, resolve_dataset
+from cifarlab.errors import CifarlabError, InputError
+from cifarlab.modelfile import METADATA_KEY
+from cifarlab.runner import ModelRunner, RunnerClassifier, recorded_accuracy
+
+ONNX_HINT = "pip install 'cifarlab[onnx]'"
+
+# ONNX element types we can feed, mapped to numpy dtypes.
+_ONNX_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",
+                "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def import_onnx_package(name: str) -> Any:
+    """onnx or onnxruntime, which are optional: a clear error says how to install them."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise CifarlabError(f"this needs the {name} package, an optional extra: {ONNX_HINT}") from None
+
+
+def open_onnx(path: str | Path) -> ModelRunner:
+    """An onnxruntime CPU session; input contract from the graph, the rest from cifarlab metadata."""
+    ort = import_onnx_package("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise CifarlabError(f"ONNX model not found: {path}")
+    try:
+        # EliminateDropout would silently turn a graph exported in training mode into an
+        # eval-mode one; diagnosis must run the graph as written to see that bug.
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=["EliminateDropout"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise CifarlabError(f"{path} is not a loadable ONNX model: {exc}") from None
+    meta = _onnx_cifarlab_meta(session)
+    spec = onnx_input_spec(session, path, meta)
+    input_name = session.get_inputs()[0].name
+    output = onnx_class_output(session, path)
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        return session.run([output.name], {input_name: batch})[0]
+
+    return ModelRunner(
+        name=path.name, kind="onnx", num_classes=_onnx_num_classes(output, meta),
+        classes=_onnx_classes(session, meta), input_spec=spec,
+        train_stats=(meta or {}).get("train_input_stats"),
+        trained_accuracy=recorded_accuracy(meta) if meta else None, forward=forward,
+        feed_dtype=spec["dtype"], meta=meta)
+
+
+def onnx_input_spec(session: Any, path: Path, meta: dict[str, Any] | None) -> dict[str, Any]:
+    inputs = session.get_inputs()
+    declared = ", ".join(f"{i.name}: {i.type} {i.shape}" for i in inputs)
+    if len(inputs) != 1:
+        raise InputError(f"{path.name} declares {len(inputs)} inputs ({declared}); "
+                         "diagnosis needs a classifier with one image input")
+    shape, onnx_type = inputs[0].shape, inputs[0].type
+    if len(shape) != 4:
+        raise InputError(f"{path.name} declares input {declared}, of rank {len(shape)}; "
+                         "diagnosis needs a batch of images of rank 4 (NHWC or NCHW)")
+    if onnx_type not in _ONNX_DTYPES:
+        raise InputError(f"{path.name} declares input {declared}; expected uint8 or float images")
+    if shape[3] == 3:
+        layout, (h, w, c) = "NHWC", shape[1:]
+    elif shape[1] == 3:
+        layout, (c, h, w) = "NCHW", shape[1:]
+    else:
+        raise InputError(f"{path.name} declares input {declared}: neither axis 1 nor axis 3 has "
+                         "3 channels, so its layout (NHWC or NCHW) is unclear")
+    size = [d if isinstance(d, int) else None for d in (h, w)]
+    return {"dtype": _ONNX_DTYPES[onnx_type], "layout": layout, "height": size[0], "width": size[1],
+            "channels": c, "preprocessing": _onnx_preprocessing(meta)}
+
+
+def _onnx_cifarlab_meta(session: Any) -> dict[str, Any] | None:
+    props = session.get_modelmeta().custom_metadata_map
+    try:
+        return json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
+    except json.JSONDecodeError:
+        return None  # someone else's "cifarlab" key: treat the model as foreign
+
+
+def _onnx_preprocessing(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Where the graph's preprocessing happens: inside (uint8 export) or by the caller (float)."""
+    if not meta:
+        return None
+    if meta.get("onnx_input") == "float":
+        return {**meta["expected_preprocessing"], "applied_by": "caller"}
+    return {**meta["preprocessing"], "applied_by": "model"}
+
+
+def _onnx_classes(session: Any, meta: dict[str, Any] | None) -> list[str] | None:
+    if meta and meta.get("classes"):
+        return list(meta["classes"])
+    raw = session.get_modelmeta().custom_metadata_map.get("classes")
+    try:
+        return list(json.loads(raw)) if raw else None
+    except json.JSONDecodeError:
+        return None
+
+
+def onnx_class_output(session: Any, path: Path) -> Any:
+    """The output holding the class scores: the first float output of rank 2 (N, classes).
+
+    Converters such as sklearn-onnx put predicted labels (int64, rank 1) first and the
+    probabilities second; a shape left unknown by the exporter is accepted and checked on the
+    first batch.
+    """
+    outputs = session.get_outputs()
+    for out in outputs:
+        rank = len(out.shape) if isinstance(out.shape, (list, tuple)) else None
+        if out.type in _ONNX_DTYPES and out.type != "tensor(uint8)" and rank in (2, None, 0):
+            if rank == 2 or len(outputs) == 1:
+                return out
+    declared = ", ".join(f"{o.name}: {o.type} {o.shape}" for o in outputs) or "none"
+    raise InputError(f"{path.name} declares outputs {declared}; diagnosis needs a float output of shape "
+                     "(N, classes) holding logits or probabilities")
+
+
+def _onnx_num_classes(output: Any, meta: dict[str, Any] | None) -> int | None:
+    shape = output.shape if isinstance(output.shape, (list, tuple)) else []
+    last = shape[-1] if len(shape) == 2 else None
+    if isinstance(last, int):
+        return last
+    return int(meta["num_classes"]) if meta and isinstance(meta.get("num_classes"), int) else None
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The cifarlab metadata of an exported file (with "classes" decoded), {} if it has none."""
+    ort = import_onnx_package("onnxruntime")
+    props = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    meta = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else {}
+    if "classes" in props:
+        meta["classes"] = json.loads(props["classes"])
+    return meta
+
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+def open_onnx_classifier(path: str | Path, data: str | Dataset | None,
+                         progress: bool = True) -> tuple[RunnerClassifier, Dataset]:
+    """The ONNX file at `path` and the dataset to evaluate it on (`data`, else its metadata's)."""
+    path = Path(path)
+    runner = open_onnx(path)
+    if runner.meta is None:
+        return _foreign(runner, path, data, progress)
+    meta = {**runner.meta, "classes": runner.classes or runner.meta.get("classes")}
+    feed = meta["expected_preprocessing"] if meta.get("onnx_input") == "float" else None
+    model = RunnerClassifier(runner, meta, _image_size(runner, meta, None), feed)
+    return model, resolve_dataset(data, meta.get("dataset"), progress)
+
+
+def _foreign(runner: ModelRunner, path: Path, data: str | Dataset | None,
+             progress: bool) -> tuple[RunnerClassifier, Dataset]:
+    """A file without cifarlab metadata: classes from `data`, raw uint8 NHWC input only."""
+    missing = (f"{path.name} has no cifarlab metadata (it was not written by `cifarlab export`), "
+               "so its class names, dataset and input preprocessing are unknown")
+    if data is None:
+        raise CifarlabError(f"{missing}. Pass the dataset it was trained on with --data (it gives "
+                            "the class names), or export the model with `cifarlab export MODEL --onnx OUT`.")
+    spec = runner.input_spec
+    if spec.get("dtype") != "uint8" or spec.get("layout") != "NHWC":
+        raise CifarlabError(
+            f"{missing}. It takes {spec.get('dtype') or 'float'} {spec.get('layout')} input, and only a "
+            "graph that takes raw uint8 NHWC pixels (0..255) can be evaluated without knowing its "
+            "preprocessing. Export it with the preprocessing inside, or run `cifarlab diagnose --model "
+            f"{path.name} --images x.npy --labels y.npy` with the images as your pipeline prepares them.")
+    dataset = resolve_dataset(data, None, progress)
+    if runner.num_classes is not None and runner.num_classes != len(dataset.classes):
+        raise CifarlabError(
+            f"{path.name} outputs {runner.num_classes} classes but dataset {dataset.name!r} has "
+            f"{len(dataset.classes)}; pass the dataset the model was trained on with --data.")
+    meta: dict[str, Any] = {"architecture": path.name, "dataset": {}, "metrics": None,
+                            "classes": list(dataset.classes), "num_classes": len(dataset.classes)}
+    return RunnerClassifier(runner, meta, _image_size(runner, meta, dataset), None), dataset
+
+
+def _image_size(runner: ModelRunner, meta: dict[str, Any], dataset: Dataset | None) -> tuple[int, int]:
+    """(H, W) from the metadata, else the graph's declared input, else the dataset's images."""
+    declared = meta.get("input") or runner.input_spec
+    h, w = declared.get("height"), declared.get("width")
+    if (h is None or w is None) and dataset is not None:
+        h, w = dataset.train_x.shape[1:3]
+    return int(h or 32), int(w or 32)
