@@ -59,7 +59,7 @@ def cifar_keras(cifar10_jpeg, tmp_path_factory):
     0..1 NHWC images, and the caller must do the /255.
     """
     pytest.importorskip("onnxruntime")
-    from cifarlab.diagnosis.runners import open_model
+    from cifarlab.formats import open_model
     from cifarlab.export import export_onnx
     from cifarlab.training import TrainConfig, train
 

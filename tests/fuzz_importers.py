@@ -8,7 +8,10 @@ Targets (each the public entry a user's file goes through):
   ``cifarlab predict``'s ``read_image``;
 * ``array``: ``diagnose``'s ``.npy``/``.npz``/``.csv`` reader;
 * ``cm-json``: ``load_confusion_json``;
-* ``model``: ``load_model`` on safetensors files.
+* ``model``: ``load_model`` on safetensors files;
+* ``keras``: ``open_keras`` (the file check, Keras' safe-mode loader, the input contract) on
+  `.keras` and `.h5` files, the `.keras` config also mutated inside its zip; only where the
+  ``keras`` extra is installed.
 
 Inputs are valid seed files mutated (bit flips, byte changes, inserted and deleted runs,
 truncation, splices with another seed). Compressed archives are also mutated *inside* the
@@ -52,7 +55,17 @@ from cifarlab.metrics import load_confusion_json
 from cifarlab.modelfile import build_classifier, load_model, make_meta, save_model
 from cifarlab.predict import read_image
 
-TARGETS = ("archive", "image", "array", "cm-json", "model")
+def _keras_available() -> bool:
+    try:
+        from cifarlab.keras import import_keras
+
+        import_keras()
+        return True
+    except CifarlabError:
+        return False
+
+
+TARGETS = ("archive", "image", "array", "cm-json", "model") + (("keras",) if _keras_available() else ())
 
 
 @dataclass
@@ -133,6 +146,26 @@ def _model_seed() -> bytes:
         return save_model(build_classifier(meta), Path(tmp) / "m.safetensors").read_bytes()
 
 
+def _keras_seeds() -> dict[str, bytes]:
+    """A small CNN (Rescaling, Conv, pooling, dropout, Dense, softmax) as .keras and .h5 bytes."""
+    if "keras" not in TARGETS:
+        return {}
+    from cifarlab.keras import import_keras
+
+    keras = import_keras()
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((32, 32, 3)), layers.Rescaling(1 / 255), layers.Conv2D(4, 3),
+                              layers.MaxPooling2D(), layers.Dropout(0.25), layers.Flatten(),
+                              layers.Dense(3, activation="softmax")])
+    seeds = {}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for suffix in (".keras", ".h5"):
+            model.save(Path(tmp) / f"m{suffix}")
+            seeds[suffix] = (Path(tmp) / f"m{suffix}").read_bytes()
+    return seeds
+
+
 def _array_seeds() -> dict[str, list[bytes]]:
     def npy(a):
         buf = io.BytesIO()
@@ -185,6 +218,7 @@ class Fuzzer:
         self.tar_members = [folder, _cifar10_members()]
         self.zip_seeds = [_zip(folder), _zip(folder, zipfile.ZIP_STORED)]
         self.model_seed = _model_seed()
+        self.keras_seeds = _keras_seeds()
         self.arrays = _array_seeds()
         self.report = FuzzReport()
 
@@ -252,6 +286,24 @@ class Fuzzer:
 
     def run_model(self, path: Path) -> None:
         load_model(path)
+
+    def keras_input(self) -> tuple[bytes, str]:
+        suffix = self.rng.choice(sorted(self.keras_seeds))
+        seed = self.keras_seeds[suffix]
+        if suffix == ".keras" and self.rng.random() < 0.5:  # edit the config JSON the loaders parse
+            with zipfile.ZipFile(io.BytesIO(seed)) as archive:
+                members = {name: archive.read(name) for name in archive.namelist()}
+            config = bytearray(members["config.json"])
+            for _ in range(self.rng.randint(1, 4)):
+                config[self.rng.randrange(len(config))] = self.rng.randrange(32, 127)
+            members["config.json"] = bytes(config)
+            return _zip(members), suffix
+        return mutate(seed, self.rng), suffix
+
+    def run_keras(self, path: Path) -> None:
+        from cifarlab.keras import open_keras
+
+        open_keras(path)
 
     def one(self, target: str) -> None:
         """Generate one input for `target`, run it, and record the outcome."""

@@ -14,7 +14,7 @@ import torch
 
 from cifarlab.diagnosis.probes import (PROBES, input_findings, prediction_summary, probe_findings,
                                        run_probes, train_mode_finding)
-from cifarlab.diagnosis.runners import open_model
+from cifarlab.formats import open_model
 from cifarlab.errors import InputError
 from cifarlab.training import TrainConfig, train
 from synthetic import synthetic_dataset

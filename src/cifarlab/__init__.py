@@ -9,6 +9,7 @@ The pipeline, one module per job:
     diagnosis  -> diagnose                        (why a model predicts only a few classes)
     report     -> write_report                    (a self-contained HTML report)
     export     -> export_onnx                     (ONNX with the preprocessing inside)
+    formats    -> load_model, open_model          (every model format: cifarlab, ONNX, Keras)
 """
 
 __version__ = "0.1.0"
@@ -17,7 +18,7 @@ from cifarlab.errors import CifarlabError, InputError  # noqa: E402
 
 
 _SUBMODULES = {"data", "models", "modelfile", "training", "evaluation", "diagnosis", "report", "export",
-               "metrics", "plots", "demo", "predict", "cli"}
+               "metrics", "plots", "demo", "predict", "cli", "formats", "runner", "onnx", "keras"}
 
 
 def __getattr__(name: str):
@@ -26,7 +27,7 @@ def __getattr__(name: str):
 
     homes = {
         "load_dataset": "cifarlab.data", "get_split": "cifarlab.data", "Dataset": "cifarlab.data",
-        "load_model": "cifarlab.modelfile", "save_model": "cifarlab.modelfile",
+        "load_model": "cifarlab.formats", "save_model": "cifarlab.modelfile",
         "Classifier": "cifarlab.modelfile",
         "create_model": "cifarlab.models", "list_models": "cifarlab.models",
         "train": "cifarlab.training", "resume": "cifarlab.training", "TrainConfig": "cifarlab.training",

@@ -20,9 +20,26 @@ from cifarlab.errors import CifarlabError, StorageError
 
 # The train flags left unset take the chosen model's recipe, which `cifarlab models` lists.
 RECIPE_DEFAULT = "default: the model's recipe, see `cifarlab models`"
+PREPROCESSING_HELP = ("for a Keras file (or an ONNX file from another tool) that does not record its input "
+                      "scaling: what your training script did to the 0..255 pixels: scale (x / 255), "
+                      "standardize:MEAN:STD (e.g. standardize:0.507,0.487,0.441:0.267,0.256,0.276, on x / 255) "
+                      "or none. Not needed when the model starts with a Rescaling/Normalization layer")
+MODEL_FILES = ("a model.safetensors written by `cifarlab train`, an .onnx file, or a Keras .keras/.h5 "
+               "file (Keras 3 on PyTorch, safe mode: pip install 'cifarlab[keras]')")
 DATA_HELP = ("cifar100, cifar10, or a path: an official CIFAR python archive (.tar.gz) or its "
              "extracted folder, or an ImageFolder dataset (train/<class>/*.png, test/<class>/*) "
              "as a folder, .tar.gz or .zip")
+
+
+def preprocessing_arg(text: str) -> str:
+    """--preprocessing, checked while the arguments are parsed (before any data is loaded)."""
+    from cifarlab.runner import parse_preprocessing
+
+    try:
+        parse_preprocessing(text)
+    except CifarlabError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--preprocessing ")) from None
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,9 +159,10 @@ def add_train_command(commands) -> None:
 
 def add_evaluate_command(commands) -> None:
     p = commands.add_parser("evaluate", help="metrics, cm.json and confusion_matrix.png for a model")
-    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`, or an "
-                   ".onnx written by `cifarlab export` (run with onnxruntime)")
+    p.add_argument("model", type=Path, help=MODEL_FILES + "; a file from another tool needs --data "
+                   "(its class names)")
     add_data_options(p, None)
+    p.add_argument("--preprocessing", metavar="SPEC", type=preprocessing_arg, help=PREPROCESSING_HELP)
     p.add_argument("--split", choices=["val", "test"], default="test",
                    help="test: the official test set (default); val: the split the run held out")
     p.add_argument("--tta", choices=["flip", "flip+translate"],
@@ -160,8 +178,11 @@ def add_evaluate_command(commands) -> None:
 
 def add_predict_command(commands) -> None:
     p = commands.add_parser("predict", help="classify image files (PNG/JPEG)")
-    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`")
+    p.add_argument("model", type=Path, help=MODEL_FILES)
     p.add_argument("images", type=Path, nargs="+", help="PNG or JPEG files")
+    p.add_argument("--data", help="for a model file that does not record its classes (Keras, other tools' "
+                                  "ONNX): the dataset it was trained on, which names them (" + DATA_HELP + ")")
+    p.add_argument("--preprocessing", metavar="SPEC", type=preprocessing_arg, help=PREPROCESSING_HELP)
     p.add_argument("--top", type=int, default=5, help="classes listed per image (default 5)")
     p.add_argument("--resize", action="store_true", help="resize images that are not the model's size")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -177,7 +198,8 @@ def add_diagnose_command(commands) -> None:
     p.add_argument("--predictions", type=Path, metavar="FILE",
                    help="probabilities or logits (N, C), or class ids (N,): .npy, .npz or .csv")
     p.add_argument("--labels", type=Path, metavar="FILE", help="true class ids (N,) or one-hot (N, C)")
-    p.add_argument("--model", metavar="MODEL", help="a cifarlab model.safetensors or any .onnx classifier")
+    p.add_argument("--model", metavar="MODEL", help="a cifarlab model.safetensors, any .onnx classifier, or a "
+                   "Keras .keras/.h5 file (pip install 'cifarlab[keras]')")
     p.add_argument("--images", type=Path, metavar="FILE",
                    help="the images exactly as you fed them to the model (.npy/.npz)")
     p.add_argument("--data", help="with --model and no --images: a dataset (" + DATA_HELP + ")")
@@ -214,7 +236,11 @@ def add_report_command(commands) -> None:
 
 def add_export_command(commands) -> None:
     p = commands.add_parser("export", help="write an ONNX file with the preprocessing inside")
-    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`")
+    p.add_argument("model", type=Path, help="a model.safetensors written by `cifarlab train`, or a Keras "
+                   ".keras/.h5 file to seal (with --preprocessing unless it starts with Rescaling/Normalization)")
+    p.add_argument("--preprocessing", metavar="SPEC", type=preprocessing_arg, help=PREPROCESSING_HELP)
+    p.add_argument("--data", help="for a Keras file: the dataset it was trained on, whose class names go into "
+                                  "the ONNX metadata (" + DATA_HELP + ")")
     p.add_argument("--onnx", type=Path, required=True, metavar="OUT", help="the .onnx file to write")
     p.add_argument("--onnx-float", action="store_true",
                    help="float NHWC input, preprocessed by the caller as the metadata says "
@@ -311,12 +337,16 @@ def _resume_dataset(args, progress: bool):
 def run_evaluate(args) -> int:
     from cifarlab.data import load_dataset
     from cifarlab.evaluation import evaluate
+    from cifarlab.formats import check_model_file
     from cifarlab.metrics import format_report
 
+    check_model_file(args.model)
     data = load_dataset(args.data, verify=not args.no_verify, progress=not args.quiet, resize=args.resize,
                         bad_images=args.bad_images) if args.data else None
     report = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet,
-                      tta=args.tta)
+                      tta=args.tta, preprocessing=args.preprocessing)
+    if report["model"].get("expects"):
+        print(f"model: {report['model']['architecture']}: {report['model']['expects']}")
     print(format_report(report))
     if args.tta:
         print(f"test-time augmentation: {args.tta}")
@@ -331,10 +361,13 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    from cifarlab.modelfile import load_model
+    from cifarlab.formats import open_predictor
     from cifarlab.predict import predict_files
+    from cifarlab.runner import parse_preprocessing
 
-    results = predict_files(load_model(args.model), args.images, top=args.top, resize=args.resize)
+    stated = parse_preprocessing(args.preprocessing) if args.preprocessing else None
+    model = open_predictor(args.model, args.data, stated)
+    results = predict_files(model, args.images, top=args.top, resize=args.resize)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -381,9 +414,11 @@ def run_report(args) -> int:
 def run_export(args) -> int:
     from cifarlab.export import export_onnx
 
-    info = export_onnx(args.model, args.onnx, input="float" if args.onnx_float else "uint8")
-    print(f"wrote {info['path']} ({info['input']} NHWC input); onnxruntime vs PyTorch: "
-          f"max abs logit difference {info['max_abs_diff']:.2e}")
+    info = export_onnx(args.model, args.onnx, input="float" if args.onnx_float else "uint8",
+                       preprocessing=args.preprocessing, data=args.data)
+    compared = "logit" if info["reference"] == "PyTorch" else "output"
+    print(f"wrote {info['path']} ({info['input']} NHWC input); onnxruntime vs {info['reference']}: "
+          f"max abs {compared} difference {info['max_abs_diff']:.2e}")
     return 0
 
 
@@ -400,6 +435,9 @@ def run_models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Keras files run on Keras 3's PyTorch backend; this process is cifarlab's, so a
+    # KERAS_BACKEND=tensorflow meant for the user's own scripts does not apply here.
+    os.environ["KERAS_BACKEND"] = "torch"
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, which knows its own flags to suggest

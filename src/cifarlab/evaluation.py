@@ -24,24 +24,29 @@ import numpy as np
 import torch
 
 from cifarlab.augment import fold_coordinates
-from cifarlab.data import Dataset, check_classes, resolve_dataset, split_images
+from cifarlab.data import Dataset, check_classes, split_images
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import classification_report, save_confusion_json, softmax
-from cifarlab.modelfile import Classifier, load_model, validate_images
+from cifarlab.formats import ModelLike, open_classifier
+from cifarlab.modelfile import Classifier, validate_images
+from cifarlab.runner import parse_preprocessing
 from cifarlab.plots import plot_confusion_matrix
 
 TTA_MODES = ("flip", "flip+translate")
 
 
-def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = None,
+def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
              split: str = "test", out_dir: str | Path | None = None,
              progress: bool = True, tta: bool | str | None = None,
-             label: str | None = None) -> dict[str, Any]:
+             label: str | None = None, preprocessing: str | None = None) -> dict[str, Any]:
     """Evaluate `model` on `split` ("val" or "test") of `data` and write the report files.
 
-    `model`: a Classifier, a model.safetensors, or an .onnx file written by `cifarlab export`
-    (run with onnxruntime; see cifarlab.onnx). `data` defaults to the dataset the model
-    was trained on; "val" is the exact validation split recorded in the model file. `tta`:
+    `model`: a Classifier, a model.safetensors, an .onnx file (run with onnxruntime; see
+    cifarlab.onnx), a Keras .keras/.h5 file or a live keras.Model (see cifarlab.keras).
+    `data` defaults to the dataset the model was trained on; "val" is the exact validation
+    split recorded in the model file. `preprocessing` ("scale", "standardize:MEAN:STD",
+    "none") states what a Keras or foreign ONNX model's training script did to the pixels,
+    where the model does not record it. `tta`:
     True or "flip", or "flip+translate" (see predict_logits_tta). `label` names this
     evaluation in metrics.json and the plot titles (e.g. "correct preprocessing"). Returns
     the metrics dictionary (also metrics.json).
@@ -49,14 +54,9 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
     tta = "flip" if tta is True else (tta or None)
     if tta is not None and tta not in TTA_MODES:
         raise CifarlabError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    model_path = None if isinstance(model, Classifier) else Path(model)
-    if model_path is not None and model_path.suffix.lower() == ".onnx":
-        from cifarlab.onnx import open_onnx_classifier  # onnxruntime is optional
-
-        model, dataset = open_onnx_classifier(model_path, data, progress)
-    else:
-        model = load_model(model_path) if model_path is not None else model
-        dataset = resolve_dataset(data, model.meta.get("dataset"), progress)
+    model_path = Path(model) if isinstance(model, (str, Path)) else None
+    stated = parse_preprocessing(preprocessing) if preprocessing is not None else None
+    model, dataset = open_classifier(model, data, stated, progress)
     check_classes(model.classes, dataset)
     images, labels = split_images(model.meta.get("split"), dataset, split)
 
@@ -74,6 +74,8 @@ def evaluate(model: Classifier | str | Path, *, data: str | Dataset | None = Non
     report["model"] = {"path": str(model_path) if model_path else None,
                        "architecture": meta["architecture"],
                        "trained_metrics": meta.get("metrics")}
+    if meta.get("expects"):  # a model from another tool: what its file says it takes
+        report["model"]["expects"] = meta["expects"]
 
     out = Path(out_dir) if out_dir else default_out_dir(model_path, split)
     write_outputs(report, probs, labels, model, out)

@@ -165,12 +165,19 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
 # ---- evaluation ------------------------------------------------------------------------------
 
 def open_onnx_classifier(path: str | Path, data: str | Dataset | None,
+                         preprocessing: dict[str, Any] | None = None,
                          progress: bool = True) -> tuple[RunnerClassifier, Dataset]:
-    """The ONNX file at `path` and the dataset to evaluate it on (`data`, else its metadata's)."""
+    """The ONNX file at `path` and the dataset to evaluate it on (`data`, else its metadata's).
+
+    `preprocessing` (runner.parse_preprocessing) is for a float graph from another tool.
+    """
     path = Path(path)
     runner = open_onnx(path)
     if runner.meta is None:
-        return _foreign(runner, path, data, progress)
+        return _foreign(runner, path, data, preprocessing, progress)
+    if preprocessing is not None:
+        raise CifarlabError(f"{path.name} was exported by cifarlab and records its preprocessing; "
+                            "leave --preprocessing out")
     meta = {**runner.meta, "classes": runner.classes or runner.meta.get("classes")}
     feed = meta["expected_preprocessing"] if meta.get("onnx_input") == "float" else None
     model = RunnerClassifier(runner, meta, _image_size(runner, meta, None), feed)
@@ -178,28 +185,35 @@ def open_onnx_classifier(path: str | Path, data: str | Dataset | None,
 
 
 def _foreign(runner: ModelRunner, path: Path, data: str | Dataset | None,
-             progress: bool) -> tuple[RunnerClassifier, Dataset]:
-    """A file without cifarlab metadata: classes from `data`, raw uint8 NHWC input only."""
+             preprocessing: dict[str, Any] | None, progress: bool) -> tuple[RunnerClassifier, Dataset]:
+    """A file without cifarlab metadata: classes from `data`; raw uint8 NHWC input, or float NHWC
+    input with the preprocessing the caller states."""
     missing = (f"{path.name} has no cifarlab metadata (it was not written by `cifarlab export`), "
                "so its class names, dataset and input preprocessing are unknown")
     if data is None:
         raise CifarlabError(f"{missing}. Pass the dataset it was trained on with --data (it gives "
                             "the class names), or export the model with `cifarlab export MODEL --onnx OUT`.")
     spec = runner.input_spec
-    if spec.get("dtype") != "uint8" or spec.get("layout") != "NHWC":
+    raw = spec.get("dtype") == "uint8" and spec.get("layout") == "NHWC"
+    if not raw and (preprocessing is None or spec.get("layout") != "NHWC"):
         raise CifarlabError(
             f"{missing}. It takes {spec.get('dtype') or 'float'} {spec.get('layout')} input, and only a "
             "graph that takes raw uint8 NHWC pixels (0..255) can be evaluated without knowing its "
-            "preprocessing. Export it with the preprocessing inside, or run `cifarlab diagnose --model "
+            "preprocessing. For a float NHWC graph pass --preprocessing (scale, standardize:MEAN:STD or "
+            "none, as your training script did); otherwise run `cifarlab diagnose --model "
             f"{path.name} --images x.npy --labels y.npy` with the images as your pipeline prepares them.")
+    if raw and preprocessing is not None and preprocessing["kind"] != "none":
+        raise CifarlabError(f"{path.name} takes raw uint8 pixels, so it preprocesses them itself; "
+                            "leave --preprocessing out")
     dataset = resolve_dataset(data, None, progress)
     if runner.num_classes is not None and runner.num_classes != len(dataset.classes):
         raise CifarlabError(
             f"{path.name} outputs {runner.num_classes} classes but dataset {dataset.name!r} has "
             f"{len(dataset.classes)}; pass the dataset the model was trained on with --data.")
-    meta: dict[str, Any] = {"architecture": path.name, "dataset": {}, "metrics": None,
+    meta: dict[str, Any] = {"architecture": path.name, "dataset": {}, "metrics": None, "expects": runner.expects,
                             "classes": list(dataset.classes), "num_classes": len(dataset.classes)}
-    return RunnerClassifier(runner, meta, _image_size(runner, meta, dataset), None), dataset
+    feed = None if raw or preprocessing is None or preprocessing["kind"] == "none" else preprocessing
+    return RunnerClassifier(runner, meta, _image_size(runner, meta, dataset), feed), dataset
 
 
 def _image_size(runner: ModelRunner, meta: dict[str, Any], dataset: Dataset | None) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cifarlab.errors import CifarlabError, InputError
-from cifarlab.metrics import is_probability
+from cifarlab.metrics import is_probability, softmax
 from cifarlab.modelfile import Classifier, validate_images
 
 
@@ -44,6 +44,20 @@ class ModelRunner:
     # The dtype batches are cast to before `forward`; None: as given (uint8 or float32).
     feed_dtype: str | None = None
     meta: dict[str, Any] | None = field(repr=False, default=None)  # the cifarlab metadata, if any
+    outputs: str | None = None  # "probabilities" | "logits" where the model says; None: unknown
+
+    @property
+    def expects(self) -> str:
+        """What the model takes and returns, as far as its file says (one line for people)."""
+        pre = self.input_spec.get("preprocessing")
+        if pre is None:
+            scale = "how its inputs are scaled is not recorded in the model"
+        elif pre.get("applied_by") == "model":
+            scale = f"raw 0..255 pixels, preprocessed inside the model ({pre.get('description') or pre['kind']})"
+        else:
+            scale = f"pixels preprocessed by the caller ({pre.get('description') or pre['kind']})"
+        out = f"; returns {self.outputs}" if self.outputs else ""
+        return f"images {describe_spec(self.input_spec)}; {scale}{out}"
 
     def logits(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
         """Run the model on `images` exactly as given (only the dtype is cast); (N, C) float32.
@@ -248,6 +262,46 @@ def recorded_accuracy(meta: dict[str, Any]) -> float | None:
 
 # ---- a runner as a Classifier, for evaluation -----------------------------------------------
 
+# `--preprocessing` for a model file that does not record its own (Keras, foreign ONNX): what
+# the user's training script did to 0..255 pixels. Mean and std are given in 0..1 units, as
+# torchvision's Normalize and most scripts write them.
+PREPROCESSING_CHOICES = ("none", "scale", "standardize:MEAN:STD")
+
+
+def parse_preprocessing(text: str) -> dict[str, Any]:
+    """`--preprocessing` -> {"kind", "mean", "std" (0..255 pixel units), "description"}.
+
+    "none": raw 0..255 pixels; "scale": x / 255; "standardize:0.507,0.487,0.441:0.267,0.256,0.276":
+    (x / 255 - mean) / std per RGB channel (one value is used for all three).
+    """
+    if text == "none":
+        return {"kind": "none", "mean": [0.0] * 3, "std": [1.0] * 3, "description": "raw 0..255 pixels"}
+    if text == "scale":
+        return {"kind": "scale", "mean": [0.0] * 3, "std": [255.0] * 3, "description": "x / 255"}
+    kind, _, rest = text.partition(":")
+    mean_text, _, std_text = rest.partition(":")
+    try:
+        mean, std = _three(mean_text), _three(std_text)
+    except ValueError:
+        mean = std = []
+    if kind != "standardize" or not mean or not std or min(std) <= 0:
+        raise CifarlabError(
+            f"--preprocessing {text!r} is not one of none, scale, standardize:MEAN:STD (e.g. "
+            "standardize:0.507,0.487,0.441:0.267,0.256,0.276, in 0..1 units, std > 0): say what your "
+            "training script did to the 0..255 pixels")
+    return {"kind": "standardize", "mean": [m * 255 for m in mean], "std": [s * 255 for s in std],
+            "description": f"(x / 255 - {mean}) / {std}"}
+
+
+def _three(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",")]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise ValueError(text)
+    return values
+
+
 def apply_preprocessing(pixels: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
     """Raw uint8 NHWC pixels -> float32 (pixels - mean) / std, per channel.
 
@@ -277,6 +331,9 @@ class RunnerClassifier:
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
+
+    def predict_proba(self, images: Any, batch_size: int = 1000) -> np.ndarray:
+        return softmax(self.predict_logits(images, batch_size))
 
     def predict_logits(self, images: Any, batch_size: int = 1000) -> np.ndarray:
         """Logits (N, C) for raw uint8 NHWC images, fed in the form the model needs."""

@@ -22,7 +22,7 @@ from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
 from cifarlab.diagnosis.inputs import as_labels, load_array
 from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes, train_mode_finding
 from cifarlab.diagnosis.report import CAUSE_IDS, Diagnosis, Finding
-from cifarlab.diagnosis.runners import open_model
+from cifarlab.formats import open_model
 from cifarlab.runner import ModelRunner
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.metrics import MAX_CLASSES, as_array, softmax
@@ -108,27 +108,28 @@ def _diagnose_predictions(predictions: ArrayLike, labels: ArrayLike | None, clas
 def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | None, data: Any,
                     split: str, class_names: list[str] | None, max_images: int, resize: bool = False):
     runner = open_model(model)
+    dataset_names = None
     if images is None:
-        x, y = _dataset_images(runner, data, split, resize)
+        x, y, dataset_names = _dataset_images(runner, data, split, resize)
     else:
         x = _checked_images(_array(images, "images"))
         x = _resized(x, runner) if resize else x
         y = None if labels is None else as_labels(_array(labels, "labels"))[0]
     if y is not None and len(y) != len(x):
         raise InputError(f"got {len(x)} images but {len(y)} labels; they must correspond one to one")
-    names = class_names or runner.classes
+    names = class_names or runner.classes or dataset_names
 
     y_pred, diagnosis, logits = None, None, None
     try:
         logits = runner.logits(x)
     except InputError as exc:  # the model cannot even run on them: the probes say why
-        diagnosis = Diagnosis(summary={"model": runner.name, "num_samples": len(x), "runs_as_given": False,
-                                       "as_given_error": str(exc)})
+        diagnosis = Diagnosis(summary={"model": runner.name, "model_expects": runner.expects,
+                                       "num_samples": len(x), "runs_as_given": False, "as_given_error": str(exc)})
     else:
         y_pred = logits.argmax(1)
         diagnosis = analyze_predictions(y_pred, logits.shape[1], y_true=y, probs=softmax(logits),
                                         class_names=names, trained_accuracy=runner.trained_accuracy)
-        diagnosis.summary = {"model": runner.name, **diagnosis.summary}
+        diagnosis.summary = {"model": runner.name, "model_expects": runner.expects, **diagnosis.summary}
 
     for finding in input_findings(x, runner):
         _merge(diagnosis, finding)
@@ -178,8 +179,9 @@ def _resized(images: np.ndarray, runner: ModelRunner) -> np.ndarray:
 
 
 def _dataset_images(runner: ModelRunner, data: Any, split: str,
-                    resize: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """A dataset split as raw uint8 images; for a cifarlab model, "val" is its recorded split."""
+                    resize: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A dataset split as raw uint8 images, and its class names; for a cifarlab model, "val" is
+    its recorded split."""
     from cifarlab.data import Dataset, get_split, load_dataset, split_images
 
     spec = data or (runner.meta or {}).get("dataset", {}).get("spec")
@@ -188,10 +190,10 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str,
                             "or --data with --split")
     dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False, resize=resize)
     if runner.kind == "cifarlab" and runner.meta is not None:
-        return split_images(runner.meta.get("split"), dataset, split)
+        return (*split_images(runner.meta.get("split"), dataset, split), list(dataset.classes))
     if split not in ("val", "test"):
         raise CifarlabError(f"--split must be val or test, got {split!r}")
-    return get_split(dataset, split)
+    return (*get_split(dataset, split), list(dataset.classes))
 
 
 # ---- helpers ----------------------------------------------------------------------------

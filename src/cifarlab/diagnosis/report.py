@@ -27,7 +27,7 @@ FINDING_IDS = (
 )
 
 
-SUMMARY_KEYS = ("model", "num_samples", "num_classes", "accuracy", "chance_accuracy", "classes_predicted",
+SUMMARY_KEYS = ("model", "model_expects", "num_samples", "num_classes", "accuracy", "chance_accuracy", "classes_predicted",
                 "top_classes", "top_classes_share", "pred_entropy", "true_entropy", "mean_confidence",
                 "as_given_error")
 
