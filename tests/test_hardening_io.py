@@ -324,6 +324,14 @@ def test_diagnose_offers_resize_and_resize_works(capsys, files) -> None:
     x, y = np.load(files["x64.npy"]), np.load(files["y20.npy"])
     as_given = diagnose(model=files["model"], images=x, labels=y)
     assert as_given.summary["runs_as_given"] is False and "--resize" in as_given.summary["as_given_error"]
+    # Never "healthy" about a model that could not run: that is the finding, an error.
+    assert as_given.verdict == "problem" and as_given.exit_code == 1
+    top = as_given.ranked()[0]
+    assert top.id == "input-shape" and top.severity == "error" and "(N, 32, 32, 3)" in top.fix
+    assert top.evidence["images_shape"] == [20, 64, 64, 3]
+    for shape in [(20, 32, 32, 1), (20, 32, 32, 4), (20, 28, 28, 3)]:  # grayscale, RGBA, another size
+        result = diagnose(model=files["model"], images=np.zeros(shape, np.uint8), labels=y)
+        assert result.verdict == "problem" and result.ranked()[0].id == "input-shape", shape
     resized = diagnose(model=files["model"], images=x, labels=y, resize=True)
     assert "runs_as_given" not in resized.summary and resized.summary["num_samples"] == 20
     code, err = run_cli(capsys, "diagnose", "--model", files["model"], "--images", files["x64.npy"],

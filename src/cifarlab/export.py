@@ -89,7 +89,7 @@ def export_onnx(model: Any, path: str | Path, *, input: str = "uint8", opset: in
     classifier = load_model(model) if isinstance(model, (str, Path)) else model
     # A copy: tracing in training mode runs a forward pass that would update the caller's
     # BatchNorm running statistics (and .cpu() would move the caller's model).
-    classifier = copy.deepcopy(classifier).cpu().to(memory_format=torch.contiguous_format)
+    classifier = copy.deepcopy(classifier).cpu().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     module = classifier if input == "uint8" else FloatNHWCNet(classifier.net)
 
     def write(tmp: str) -> float | None:
@@ -127,6 +127,9 @@ def _write_verified(path: Path, write: Any) -> Any:
 
 class SealedKeras(nn.Module):
     """Raw uint8 NHWC pixels -> (x - mean) / std per channel -> the Keras model (inference)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: Any, mean: list[float], std: list[float], layout: str):
         super().__init__()

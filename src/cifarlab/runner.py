@@ -40,7 +40,7 @@ class ModelRunner:
     input_spec: dict[str, Any]
     train_stats: dict[str, list[float]] | None  # per-channel mean/std/min/max of raw training pixels
     trained_accuracy: float | None  # validation accuracy recorded at training time
-    forward: Callable[[np.ndarray], Any] = field(repr=False, default=None)  # one batch, already cast
+    forward: Callable[[np.ndarray], Any] = field(repr=False)  # one batch, already cast
     # The dtype batches are cast to before `forward`; None: as given (uint8 or float32).
     feed_dtype: str | None = None
     meta: dict[str, Any] | None = field(repr=False, default=None)  # the cifarlab metadata, if any
@@ -130,7 +130,7 @@ def cast_for_model(array: np.ndarray, dtype: str | None) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def expected_shape(spec: dict[str, Any]) -> tuple[int, int, int] | None:
+def expected_shape(spec: dict[str, Any]) -> tuple[int | None, int | None, int | None] | None:
     """(H, W, C) or (C, H, W) per the spec, or None when the layout is unknown."""
     h, w, c = spec.get("height"), spec.get("width"), spec.get("channels")
     if spec.get("layout") == "NHWC":

@@ -139,9 +139,25 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
     finding = train_mode_finding(runner, x)
     if finding is not None:
         _merge(diagnosis, finding)
+    if logits is None and not any(f.severity == "error" and f.id in CAUSE_IDS for f in diagnosis.findings):
+        diagnosis.add(_cannot_run(runner, x, diagnosis.summary["as_given_error"]))
     _absorb_into_pairs(diagnosis)
     _explain_symptoms(diagnosis)
     return diagnosis, y_pred, y, names
+
+
+def _cannot_run(runner: ModelRunner, images: np.ndarray, error: str) -> Finding:
+    """The model could not run on the images as given, and no probe made it: that is the
+    finding (never a "healthy" verdict about predictions that were never made)."""
+    from cifarlab.runner import describe_spec
+
+    return Finding(
+        "input-shape", "error", "The model cannot run on these images as given",
+        f"{error}. None of the candidate corrections (transposes, planar reshape) made them fit, so "
+        "nothing about the model's predictions could be measured.",
+        evidence={"images_shape": list(images.shape), "images_dtype": str(images.dtype),
+                  "model_takes": describe_spec(runner.input_spec)},
+        fix=f"convert the images to what the model takes: {describe_spec(runner.input_spec)}", score=1.0)
 
 
 def _checked_images(images: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ SEVERITIES = ("error", "warning", "info")
 FINDING_IDS = (
     "prediction-collapse", "input-scale", "input-normalization", "channel-order", "input-layout",
     "label-permutation", "fine-coarse-labels", "train-mode-inference", "two-mistakes", "near-chance",
-    "train-eval-gap",
+    "train-eval-gap", "input-shape",
 )
 
 
@@ -32,7 +32,7 @@ SUMMARY_KEYS = ("model", "model_expects", "num_samples", "num_classes", "accurac
                 "as_given_error")
 
 # Findings that name why the model misbehaves, as opposed to how it shows.
-CAUSE_IDS = frozenset({"input-scale", "input-normalization", "channel-order", "input-layout",
+CAUSE_IDS = frozenset({"input-scale", "input-normalization", "channel-order", "input-layout", "input-shape",
                        "label-permutation", "fine-coarse-labels", "train-mode-inference", "two-mistakes"})
 
 
