@@ -37,17 +37,18 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from train_speed import add_hyp_flags, cpu_model  # the sibling benchmark's helpers
 
 from cifarlab import get_split, load_dataset
 from cifarlab.metrics import softmax
 from cifarlab.modelfile import Classifier, load_model, save_model
 from cifarlab.training import TrainConfig, Trainer
-from train_speed import add_hyp_flags, cpu_model  # the sibling benchmark's helpers
 
 HYP = {
     "archs": ("keras-cnn", "airbench-small"),
@@ -408,7 +409,7 @@ def outcome_table(rows: list[dict[str, Any]]) -> list[str]:
             mine = [r for r in rows if case_label(r) == case and r["way"] == way]
             if not mine:
                 continue
-            count = lambda pred: sum(1 for r in mine if pred(r["outcome"]))  # noqa: E731
+            count = lambda pred, mine=mine: sum(1 for r in mine if pred(r["outcome"]))  # noqa: E731
             others = sorted({r["outcome"][7:] for r in mine if r["outcome"].startswith("other")})
             lines.append(f"| {case} | {way} | {mine[0]['expected'] or 'none (healthy)'} | "
                          f"{count(lambda o: o == 'ok')}/{len(mine)} | {count(lambda o: o == 'not found')} | "

@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from train_speed import add_hyp_flags, machine_lines, pick_device, test_accuracy
 
 from cifarlab import get_split, load_dataset
 from cifarlab.training import TrainConfig, train
-from train_speed import add_hyp_flags, machine_lines, pick_device, test_accuracy
 
 HYP = {
     "work": (48_000, 192_000),  # image-epochs: one epoch of the whole split, and four

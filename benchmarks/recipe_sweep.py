@@ -27,10 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from train_speed import add_hyp_flags, machine_lines, pick_device
+
 from cifarlab import get_split, load_dataset
 from cifarlab.evaluation import predict_logits_tta
 from cifarlab.training import TrainConfig, Trainer
-from train_speed import add_hyp_flags, machine_lines, pick_device
 
 HYP = {
     "minutes": 9.0,  # training time each candidate is given (of a 10-minute budget: the rest is

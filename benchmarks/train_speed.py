@@ -81,8 +81,11 @@ def machine_lines(device: torch.device) -> list[str]:
 def add_hyp_flags(parser: argparse.ArgumentParser, hyp: dict) -> None:
     """Every value of a benchmark's HYP dict as a --flag (tuples: comma-separated), default shown."""
     for key, default in hyp.items():
-        kind = (lambda v, t=type(default[0]): tuple(map(t, v.split(",")))) if isinstance(default, tuple) \
-            else type(default)
+        if isinstance(default, tuple):
+            element = type(default[0])
+            kind = lambda v, t=element: tuple(map(t, v.split(",")))  # noqa: E731
+        else:
+            kind = type(default)
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=default,
                             help=f"default {default}")
 

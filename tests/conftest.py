@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Fixtures defined in helper modules: the HTTP server and the report's evaluation folders.
+pytest_plugins = ["http_server", "report_fixtures"]
+
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_JPEG = SHARED_DATA_DIR / "cifar10-jpeg.tar.gz"
 CIFAR100_REBUILT = SHARED_DATA_DIR / "cifar100-rebuilt.tar.gz"
@@ -59,8 +62,8 @@ def cifar_keras(cifar10_jpeg, tmp_path_factory):
     0..1 NHWC images, and the caller must do the /255.
     """
     pytest.importorskip("onnxruntime")
-    from cifarlab.formats import open_model
     from cifarlab.export import export_onnx
+    from cifarlab.formats import open_model
     from cifarlab.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("cifar-keras")

@@ -55,6 +55,7 @@ from cifarlab.metrics import load_confusion_json
 from cifarlab.modelfile import build_classifier, load_model, make_meta, save_model
 from cifarlab.predict import read_image
 
+
 def _keras_available() -> bool:
     try:
         from cifarlab.keras import import_keras
@@ -222,7 +223,7 @@ class Fuzzer:
         self.arrays = _array_seeds()
         self.report = FuzzReport()
 
-    def __enter__(self) -> "Fuzzer":
+    def __enter__(self) -> Fuzzer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from synthetic import synthetic_dataset, write_image_folder
 
 from cifarlab.data import Dataset, load_dataset
 from cifarlab.evaluation import evaluate
 from cifarlab.training import TrainConfig, train
-from synthetic import synthetic_dataset, write_image_folder
 
 CORRECT_LABEL = "correct"
 BROKEN_LABEL = "raw <pixels> & /255"  # markup on purpose: the page must escape it

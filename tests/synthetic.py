@@ -4,6 +4,8 @@ Each class has its own colour; images are that colour plus noise, so a few epoch
 our models separate them. Real-image tests use the shared CIFAR-10 copy instead.
 """
 
+import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +39,26 @@ def write_image_folder(root: Path, ds: Dataset) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(x).save(folder / f"{i:04d}.png")
     return root
+
+
+# ---- small files for the importer tests ------------------------------------------------------
+
+PNG = (lambda buf: (Image.new("RGB", (32, 32), (9, 99, 199)).save(buf, "PNG"), buf.getvalue())[1])(io.BytesIO())
+IMAGES = {f"{split}/{cls}/0.png": PNG for split in ("train", "test") for cls in ("cat", "dog")}
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\nshowpage\n"
+
+
+def pixel_bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (the data is not valid beyond it)."""
+    buf = io.BytesIO()
+    Image.new("1", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # the IHDR chunk's size fields
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # its CRC, so the header is valid
+    return bytes(data)
+
+
+# A quick training run on the synthetic data (TrainConfig fields).
+QUICK = dict(model="airbench-small", epochs=3, batch_size=32, lr=0.2, seed=0, device="cpu")

@@ -9,13 +9,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_dataset
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import evaluate, predict_logits_tta
 from cifarlab.modelfile import load_model
-from cifarlab.training import Trainer, TrainConfig, plan_epochs, resume, train
-from synthetic import synthetic_dataset
+from cifarlab.training import TrainConfig, Trainer, plan_epochs, resume, train
 
 # One step of 32 images per epoch: the planned runs stay short however many epochs fit.
 TINY = dict(model="airbench-small", batch_size=32, lr=0.2, seed=0, device="cpu")

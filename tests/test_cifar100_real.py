@@ -13,12 +13,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA_DIR
 from PIL import Image
 
 from cifarlab.data.cifar import CIFAR100_COARSE_OF_FINE
 from cifarlab.evaluation import evaluate
 from cifarlab.metrics import load_confusion_json
-from conftest import SHARED_DATA_DIR
 
 FIRST20 = SHARED_DATA_DIR / "cifar100-test-first20.npz"
 
@@ -90,8 +90,9 @@ def test_predict_cli_on_real_cifar100_png_files(cifar100_model, first20, tmp_pat
 
 @pytest.mark.slow  # about a minute: 2 short epochs, two evaluations of 10,000 images, the probes
 def test_demo_shows_the_bars_on_100_classes(cifar100_rebuilt, cifarlab_home, tmp_path, monkeypatch):
-    from cifarlab.demo import run_demo
     from conftest import CIFAR100_REBUILT
+
+    from cifarlab.demo import run_demo
 
     monkeypatch.setenv("CIFARLAB_HOME", str(cifarlab_home))  # the copy the fixture decoded
     out = tmp_path / "demo"

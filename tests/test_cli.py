@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CIFAR10_JPEG
 from PIL import Image
+from synthetic import synthetic_dataset
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError, InputError
@@ -15,8 +17,6 @@ from cifarlab.evaluation import evaluate
 from cifarlab.metrics import load_confusion_json
 from cifarlab.modelfile import load_model
 from cifarlab.training import TrainConfig, train
-from conftest import CIFAR10_JPEG
-from synthetic import synthetic_dataset
 
 
 def cifarlab(*args, home=None, check=True):

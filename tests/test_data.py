@@ -10,14 +10,13 @@ import pickle
 import shutil
 import struct
 import tarfile
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from http_server import PAYLOAD, PAYLOAD_MD5, RangeServer, url_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -438,60 +437,8 @@ def test_archive_links_are_skipped(tmp_path: Path, cache: Path) -> None:
 # --------------------------------------------------------------------------- #
 
 
-class _RangeServer(ThreadingHTTPServer):
-    files: dict[str, bytes]
-    honor_range = True
-    ranges: list[str | None]
-    bytes_sent = 0
 
-
-class _RangeHandler(BaseHTTPRequestHandler):
-    server: _RangeServer
-
-    def do_GET(self) -> None:
-        body = self.server.files.get(self.path)
-        requested = self.headers.get("Range")
-        self.server.ranges.append(requested)
-        if body is None:
-            self.send_error(404)
-            return
-        start = int(requested.removeprefix("bytes=").split("-")[0]) if requested else 0
-        if requested and self.server.honor_range and start < len(body):
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            payload = body[start:]
-        else:
-            self.send_response(200)
-            payload = body
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-        self.server.bytes_sent += len(payload)
-
-    def log_message(self, *args: object) -> None:  # keep test output clean
-        pass
-
-
-@pytest.fixture
-def server():
-    srv = _RangeServer(("127.0.0.1", 0), _RangeHandler)
-    srv.files, srv.ranges = {}, []
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def url_of(srv: _RangeServer, path: str) -> str:
-    return f"http://127.0.0.1:{srv.server_address[1]}{path}"
-
-
-PAYLOAD = np.random.default_rng(0).integers(0, 256, 3_000_000, dtype=np.uint8).tobytes()
-PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
-
-
-def test_download_complete_file(server: _RangeServer, tmp_path: Path) -> None:
+def test_download_complete_file(server: RangeServer, tmp_path: Path) -> None:
     server.files["/f.tar.gz"] = PAYLOAD
     dest = download(url_of(server, "/f.tar.gz"), tmp_path / "d" / "f.tar.gz", PAYLOAD_MD5, progress=False)
     assert dest == tmp_path / "d" / "f.tar.gz" and dest.read_bytes() == PAYLOAD
@@ -499,7 +446,7 @@ def test_download_complete_file(server: _RangeServer, tmp_path: Path) -> None:
     assert server.ranges == [None]
 
 
-def test_download_resumes_partial_file(server: _RangeServer, tmp_path: Path) -> None:
+def test_download_resumes_partial_file(server: RangeServer, tmp_path: Path) -> None:
     server.files["/f.tar.gz"] = PAYLOAD
     (tmp_path / "f.tar.gz.part").write_bytes(PAYLOAD[:1_000_000])
     dest = download(url_of(server, "/f.tar.gz"), tmp_path / "f.tar.gz", PAYLOAD_MD5, progress=False)
@@ -508,21 +455,21 @@ def test_download_resumes_partial_file(server: _RangeServer, tmp_path: Path) -> 
     assert server.bytes_sent == len(PAYLOAD) - 1_000_000
 
 
-def test_download_starts_over_when_server_ignores_range(server: _RangeServer, tmp_path: Path) -> None:
+def test_download_starts_over_when_server_ignores_range(server: RangeServer, tmp_path: Path) -> None:
     server.files["/f.tar.gz"], server.honor_range = PAYLOAD, False
     (tmp_path / "f.tar.gz.part").write_bytes(b"stale bytes")
     dest = download(url_of(server, "/f.tar.gz"), tmp_path / "f.tar.gz", PAYLOAD_MD5, progress=False)
     assert dest.read_bytes() == PAYLOAD
 
 
-def test_download_wrong_md5_leaves_nothing(server: _RangeServer, tmp_path: Path) -> None:
+def test_download_wrong_md5_leaves_nothing(server: RangeServer, tmp_path: Path) -> None:
     server.files["/f.tar.gz"] = PAYLOAD
     with pytest.raises(ChecksumError, match=PAYLOAD_MD5):
         download(url_of(server, "/f.tar.gz"), tmp_path / "f.tar.gz", "0" * 32, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_errors_suggest_manual_download(server: _RangeServer, tmp_path: Path) -> None:
+def test_download_errors_suggest_manual_download(server: RangeServer, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"404.*--data PATH"):
         download(url_of(server, "/missing"), tmp_path / "f", None, progress=False)
     unused_port = server.server_address[1]
@@ -533,7 +480,7 @@ def test_download_errors_suggest_manual_download(server: _RangeServer, tmp_path:
 
 
 def test_name_downloads_official_archive(
-    server: _RangeServer, isolated_home: Path, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+    server: RangeServer, isolated_home: Path, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = make_cifar10(tmp_path)
     body = fake.archive.read_bytes()

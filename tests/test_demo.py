@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CIFAR10_JPEG
 
 from cifarlab.cli import main
 from cifarlab.demo import LABEL_CORRECT, LABEL_RAW, run_demo
 from cifarlab.metrics import load_confusion_json
-from conftest import CIFAR10_JPEG
 
 
 @pytest.mark.slow  # about a minute on 2 idle cores: 2 short epochs, two evaluations of 10,000 images, the probes

@@ -11,13 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from cifarlab.diagnosis.probes import (PROBES, input_findings, prediction_summary, probe_findings,
-                                       run_probes, train_mode_finding)
-from cifarlab.formats import open_model
-from cifarlab.errors import InputError
-from cifarlab.training import TrainConfig, train
 from synthetic import synthetic_dataset
+
+from cifarlab.diagnosis.probes import (
+    PROBES,
+    input_findings,
+    prediction_summary,
+    probe_findings,
+    run_probes,
+    train_mode_finding,
+)
+from cifarlab.errors import InputError
+from cifarlab.formats import open_model
+from cifarlab.training import TrainConfig, train
 
 IMAGENET = (np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
 

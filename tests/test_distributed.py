@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import torch
+from synthetic import synthetic_dataset, write_image_folder
 
 from cifarlab import distributed
 from cifarlab.data import load_dataset
 from cifarlab.modelfile import load_model
-from synthetic import synthetic_dataset
-from test_training import write_image_folder
 
 
 def test_shards_of_a_permutation_are_disjoint_equal_and_cover_it():

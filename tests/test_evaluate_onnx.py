@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import synthetic_dataset, write_image_folder
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import evaluate
 from cifarlab.metrics import load_confusion_json
 from cifarlab.training import TrainConfig, train
-from synthetic import synthetic_dataset, write_image_folder
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

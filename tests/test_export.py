@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_dataset
 
 from cifarlab.errors import CifarlabError
 from cifarlab.training import TrainConfig, train
-from synthetic import synthetic_dataset
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

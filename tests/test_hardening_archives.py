@@ -15,19 +15,15 @@ import io
 import stat
 import tarfile
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from synthetic import EPS, IMAGES, PNG, pixel_bomb_png
 
 from cifarlab.data import archives, load_dataset
 from cifarlab.data.imagefolder import _decode_one
 from cifarlab.errors import CifarlabError, DataError, ImageDecodeError
-
-PNG = (lambda buf: (Image.new("RGB", (32, 32), (9, 99, 199)).save(buf, "PNG"), buf.getvalue())[1])(io.BytesIO())
-IMAGES = {f"{split}/{cls}/0.png": PNG for split in ("train", "test") for cls in ("cat", "dog")}
 
 
 def make_tar(path: Path, extra: list[tuple[tarfile.TarInfo, bytes | None]], *, compress: str = "gz",
@@ -263,17 +259,6 @@ def test_truncated_archives_say_so(tmp_path: Path, cache: Path) -> None:
 
 # ---- image files ------------------------------------------------------------------------------
 
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\nshowpage\n"
-
-
-def pixel_bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
-    """A tiny PNG whose header declares width x height pixels (the data is not valid beyond it)."""
-    buf = io.BytesIO()
-    Image.new("1", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # the IHDR chunk's size fields
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # its CRC, so the header is valid
-    return bytes(data)
 
 
 @pytest.mark.parametrize("data,reason", [

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from fuzz_importers import TARGETS, Fuzzer, FuzzReport
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +28,6 @@ from cifarlab.errors import CifarlabError
 from cifarlab.metrics import load_confusion_json
 from cifarlab.modelfile import load_model
 from cifarlab.predict import read_image
-from fuzz_importers import TARGETS, FuzzReport, Fuzzer
 
 
 def assert_no_crash(report: FuzzReport) -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from http_server import PAYLOAD, PAYLOAD_MD5, url_of
 from PIL import Image
 from safetensors.torch import save_file
+from synthetic import EPS, IMAGES, pixel_bomb_png
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError, InputError, ModelFileError, StorageError
@@ -28,7 +30,6 @@ from cifarlab.fileio import atomic_write
 from cifarlab.imageops import resize_images
 from cifarlab.modelfile import METADATA_KEY, build_classifier, load_model, make_meta, save_model, validate_images
 from cifarlab.predict import read_image
-from test_data import server  # noqa: F401 - the local HTTP server fixture
 
 STATS = {"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7], "min": [0, 0, 0], "max": [255, 255, 255]}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -148,7 +149,6 @@ except Exception as e:
 
 
 def test_download_on_a_full_disk_keeps_the_partial_file_and_resumes(server, tmp_path: Path) -> None:
-    from test_data import PAYLOAD, PAYLOAD_MD5, url_of
 
     from cifarlab.data import download
 
@@ -235,7 +235,6 @@ def write_png(path: Path, size=(32, 32)) -> Path:
 
 
 def test_read_image_refuses_bombs_and_disguised_formats(tmp_path: Path) -> None:
-    from test_hardening_archives import EPS, pixel_bomb_png
 
     (tmp_path / "bomb.png").write_bytes(pixel_bomb_png())
     (tmp_path / "eps.png").write_bytes(EPS)
@@ -255,7 +254,6 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 @pytest.fixture
 def files(tmp_path: Path, model_path: Path) -> dict[str, Path]:
-    from test_hardening_archives import EPS, IMAGES, pixel_bomb_png
 
     f = {"model": model_path, "png": write_png(tmp_path / "ok.png"), "big": write_png(tmp_path / "big.png", (64, 64))}
     (tmp_path / "bomb.png").write_bytes(pixel_bomb_png())
@@ -371,7 +369,7 @@ def onnx_model(tmp_path: Path, name: str, inputs, outputs, nodes) -> Path:
 
 
 def onnx_cases(tmp_path: Path) -> dict[str, tuple[Path, str | None]]:
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto as T
     from onnx import helper
 

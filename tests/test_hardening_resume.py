@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import synthetic_dataset, write_image_folder
 
 from cifarlab.data import load_dataset
 from cifarlab.modelfile import load_model, read_safetensors
 from cifarlab.training import read_checkpoint
-from synthetic import synthetic_dataset, write_image_folder
 
 pytestmark = pytest.mark.slow
 

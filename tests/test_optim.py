@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from synthetic import QUICK, synthetic_dataset
 
 from cifarlab.optim import Muon, orthogonalize
-from cifarlab.training import Trainer, TrainConfig, lr_at, parameter_groups
-from synthetic import synthetic_dataset
-from test_training import QUICK
+from cifarlab.training import TrainConfig, Trainer, lr_at, parameter_groups
 
 MUON = dict(QUICK, optimizer="muon", filter_lr=0.2, filter_momentum=0.6, schedule="linear", lookahead=False)
 

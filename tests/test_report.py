@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from report_fixtures import BROKEN_LABEL, CORRECT_LABEL, ReportRun
 
 from cifarlab.cli import main
 from cifarlab.diagnosis import diagnose
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import classification_report
 from cifarlab.report import write_report
-from report_fixtures import BROKEN_LABEL, CORRECT_LABEL, ReportRun, report_run  # noqa: F401 (fixture)
 
 IMG_SRC = re.compile(r'<img class="([a-z]+)" src="([^"]*)"')
 FIGURES_PER_EVALUATION = 4  # confusion matrix, coarse matrix, class histogram, per-class accuracy

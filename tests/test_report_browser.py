@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from report_fixtures import ReportRun
 
 from cifarlab.diagnosis import diagnose
 from cifarlab.report import write_report
-from report_fixtures import ReportRun, report_run  # noqa: F401 (fixture)
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",

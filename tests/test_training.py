@@ -11,15 +11,23 @@ import time
 import numpy as np
 import pytest
 import torch
+from synthetic import QUICK, synthetic_dataset, write_image_folder
 
 from cifarlab.data import load_dataset
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.modelfile import load_model, read_safetensors, save_model
-from cifarlab.training import (EMA_EVERY, Trainer, TrainConfig, WeightEMA, join_optimizer_state, lr_at,
-                               read_checkpoint, resume, split_optimizer_state, train)
-from synthetic import synthetic_dataset, write_image_folder
-
-QUICK = dict(model="airbench-small", epochs=3, batch_size=32, lr=0.2, seed=0, device="cpu")
+from cifarlab.training import (
+    EMA_EVERY,
+    TrainConfig,
+    Trainer,
+    WeightEMA,
+    join_optimizer_state,
+    lr_at,
+    read_checkpoint,
+    resume,
+    split_optimizer_state,
+    train,
+)
 
 
 def weights(path):

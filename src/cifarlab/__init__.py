@@ -16,7 +16,6 @@ __version__ = "0.1.0"
 
 from cifarlab.errors import CifarlabError, InputError  # noqa: E402
 
-
 _SUBMODULES = {"data", "models", "modelfile", "training", "evaluation", "diagnosis", "report", "export",
                "metrics", "plots", "demo", "predict", "cli", "formats", "runner", "onnx", "keras"}
 

@@ -281,7 +281,7 @@ def run_train(args) -> int:
     try:
         result = _train_or_resume(args, progress)
     except StorageError as exc:
-        run = Path(exc.path).parent if exc.path else None
+        run = Path(str(exc.path)).parent if exc.path else None
         if run is None or not (run / "checkpoint.safetensors").is_file():
             raise
         raise StorageError(f"{exc} Training stopped; once there is room, continue with: "

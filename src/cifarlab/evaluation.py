@@ -17,8 +17,9 @@ Test-time augmentation (`tta`) averages the logits over mirrored ("flip") and al
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +27,11 @@ import torch
 from cifarlab.augment import fold_coordinates
 from cifarlab.data import Dataset, check_classes, split_images
 from cifarlab.errors import CifarlabError
-from cifarlab.metrics import classification_report, save_confusion_json, softmax
 from cifarlab.formats import ModelLike, open_classifier
+from cifarlab.metrics import classification_report, save_confusion_json, softmax
 from cifarlab.modelfile import Classifier, validate_images
-from cifarlab.runner import parse_preprocessing
 from cifarlab.plots import plot_confusion_matrix
+from cifarlab.runner import parse_preprocessing
 
 TTA_MODES = ("flip", "flip+translate")
 
@@ -150,9 +151,9 @@ def save_confused_examples(path: Path, images: np.ndarray, labels: np.ndarray, p
         order = np.argsort(-probs[hits, pair["predicted_id"]], kind="stable")
         rows.append(np.stack([hits[order[:per_pair]], np.full(min(per_pair, len(hits)), rank)], 1))
     chosen = np.concatenate(rows) if rows else np.zeros((0, 2), dtype=np.int64)
-    index, rank = chosen[:, 0].astype(np.int64), chosen[:, 1].astype(np.int64)
+    index, pair_rank = chosen[:, 0].astype(np.int64), chosen[:, 1].astype(np.int64)
     np.savez_compressed(
         path, images=np.asarray(images[index], dtype=np.uint8),
         true_ids=labels[index].astype(np.int64), predicted_ids=predicted[index].astype(np.int64),
-        indices=index, confidence=probs[index, predicted[index]].astype(np.float32), pair=rank)
+        indices=index, confidence=probs[index, predicted[index]].astype(np.float32), pair=pair_rank)
     return path

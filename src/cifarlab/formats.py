@@ -20,7 +20,14 @@ from torch import nn
 
 from cifarlab.data import Dataset, resolve_dataset
 from cifarlab.errors import CifarlabError
-from cifarlab.keras import check_keras_file, is_keras_file, is_keras_model, load_keras, open_keras, open_keras_classifier
+from cifarlab.keras import (
+    check_keras_file,
+    is_keras_file,
+    is_keras_model,
+    load_keras,
+    open_keras,
+    open_keras_classifier,
+)
 from cifarlab.modelfile import Classifier
 from cifarlab.modelfile import load_model as load_cifarlab_model
 from cifarlab.runner import ModelRunner, RunnerClassifier, callable_runner, cifarlab_runner, module_runner

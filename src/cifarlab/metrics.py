@@ -65,7 +65,7 @@ def _preview(values: np.ndarray, limit: int = 5) -> str:
 
 def _is_real_number_dtype(dtype: np.dtype) -> bool:
     """Integer or float, but not bool (True/False labels or counts are almost always a bug)."""
-    return dtype != bool and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+    return dtype.kind != "b" and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
 
 
 def as_array(value: Any, name: str) -> np.ndarray:

@@ -36,6 +36,9 @@ METADATA_KEY = "cifarlab"
 class Preprocess(nn.Module):
     """uint8 NHWC 0..255 -> float NCHW, (x - mean) / std with mean/std in pixel units."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: list[float], std: list[float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -261,6 +264,7 @@ def _json_object(text: str, path: Path, key: str) -> dict[str, Any]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Load a cifarlab model file; the result is in eval mode and validates what it is fed."""
+    path = Path(path)
     tensors, metadata = read_safetensors(path)
     if METADATA_KEY not in metadata:
         raise ModelFileError(

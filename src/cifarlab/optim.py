@@ -21,7 +21,8 @@ optimizer, so a checkpoint stores one state dict and resumes bit-identically.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 
@@ -80,13 +81,13 @@ class Muon(torch.optim.Optimizer):
         return grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
 
     def _sgd_update(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad
+        grad = cast(torch.Tensor, p.grad)  # step() only updates parameters that have one
         if group["weight_decay"]:
             grad = grad.add(p, alpha=group["weight_decay"])
         p.add_(self._momentum(p, grad, group), alpha=-group["lr"])
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
-        direction = self._momentum(p, p.grad, group)
+        direction = self._momentum(p, cast(torch.Tensor, p.grad), group)
         p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))  # a fixed norm instead of weight decay
         update = orthogonalize(direction.reshape(len(p), -1), group["ns_steps"])
         p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])

@@ -33,12 +33,12 @@ def read_image(path: str | Path, size: tuple[int, int], resize: bool = False) ->
                     f"{image.size[0]}x{image.size[1]}; pass --resize to scale it"
                 )
             try:
-                image = to_rgb(image)  # grayscale, palette, RGBA and 16-bit files become 8-bit RGB
+                rgb = to_rgb(image)  # grayscale, palette, RGBA and 16-bit files become 8-bit RGB
             except ValueError as exc:
                 raise InputError(f"{path}: {exc}") from None
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BICUBIC)
-            return np.asarray(image, dtype=np.uint8)
+            if rgb.size != (size[1], size[0]):
+                rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            return np.asarray(rgb, dtype=np.uint8)
     except InputError:
         raise
     except UnidentifiedImageError:

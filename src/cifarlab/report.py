@@ -19,10 +19,11 @@ import html
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,8 +31,7 @@ from PIL import Image
 from cifarlab import __version__
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import as_count_matrix, load_confusion_json, most_confused_pairs
-from cifarlab.plots import (plot_confusion_matrix, plot_history, plot_per_class_accuracy,
-                            plot_prediction_histogram)
+from cifarlab.plots import plot_confusion_matrix, plot_history, plot_per_class_accuracy, plot_prediction_histogram
 
 __all__ = ["write_report", "load_evaluation", "CM_SCALES"]
 

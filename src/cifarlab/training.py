@@ -26,10 +26,11 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,8 +43,15 @@ from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split
 from cifarlab.data.imagefolder import BAD_IMAGE_POLICIES
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.fileio import atomic_write
-from cifarlab.modelfile import (Classifier, atomic_save_safetensors, build_classifier,
-                                input_statistics, make_meta, read_safetensors, save_model)
+from cifarlab.modelfile import (
+    Classifier,
+    atomic_save_safetensors,
+    build_classifier,
+    input_statistics,
+    make_meta,
+    read_safetensors,
+    save_model,
+)
 from cifarlab.models import get_model_spec
 from cifarlab.optim import Muon
 
@@ -153,9 +161,10 @@ class TrainConfig:
             if not ok:
                 raise CifarlabError(message)
 
-    def resolved(self, device: torch.device, num_classes: int = 10) -> "TrainConfig":
-        """A copy with the model chosen and every None filled from the model's recipe (with
-        its many-class overrides for datasets of more than 10 classes, e.g. CIFAR-100)."""
+    def resolved(self, device: torch.device, num_classes: int = 10) -> Recipe:
+        """The run as it will be trained: the model chosen and every None filled from the
+        model's recipe (with its many-class overrides for datasets of more than 10 classes,
+        e.g. CIFAR-100)."""
         model = self.model if self.model != "auto" else auto_model(device, num_classes)
         spec = get_model_spec(model)
         recipe = {"momentum": 0.9, "nesterov": False, "bias_lr_scale": 1.0, "lookahead": False,
@@ -168,7 +177,63 @@ class TrainConfig:
             if value is None and key in recipe:
                 values[key] = recipe[key]
         values["model"] = model
-        return TrainConfig(**values)
+        missing = [name for name in _RECIPE_FIELDS if values[name] is None]
+        if missing:  # a registry entry without a complete recipe: a bug, not a user error
+            raise ValueError(f"model {model!r}'s recipe does not set {', '.join(missing)}")
+        return Recipe(**values)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A run as it is trained: `TrainConfig` (the request) with the model chosen and every
+    hyperparameter filled in from the model's recipe. The same fields, none of the recipe's
+    left None; `epochs` is None only until a time budget has been planned (`plan` then holds
+    the measurements behind it), and the muon-only filter settings are None for the others.
+    This is what the run folder's config.json, the checkpoint and the model file record."""
+
+    data: str
+    resize: bool
+    bad_images: str
+    model: str
+    arch_args: dict[str, Any]
+    epochs: int | None
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    filter_lr: float | None
+    filter_momentum: float | None
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    bias_lr_scale: float
+    lookahead: bool
+    label_smoothing: float
+    translate: int
+    flip: bool
+    alternate_flip: bool
+    fill: str
+    val_fraction: float
+    seed: int
+    device: str
+    amp: str
+    compile: bool
+    max_train_images: int | None
+    time_budget: float | None
+    fit_budget: bool
+    ema: float | None
+    plan: dict[str, float] | None
+
+    @property
+    def planned_epochs(self) -> int:
+        if self.epochs is None:
+            raise RuntimeError("the number of epochs is planned from the time budget first (Trainer.plan_schedule)")
+        return self.epochs
+
+
+# Recipe fields that resolving must fill (the others may stay None, as Recipe says).
+_RECIPE_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+                  "bias_lr_scale", "lookahead", "label_smoothing", "translate", "alternate_flip", "fill")
 
 
 def auto_model(device: torch.device, num_classes: int) -> str:
@@ -326,7 +391,7 @@ class WeightEMA:
             torch._foreach_copy_(self._average_ints, self._live_ints)
 
 
-def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: Classifier, cfg: Recipe) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -337,7 +402,7 @@ def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer
     raise CifarlabError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
-def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(model: torch.nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
     """Trainable parameters in groups: BatchNorm biases, a whitening layer's bias, the rest.
 
     The BatchNorm biases' learning rate is scaled up by bias_lr_scale and their weight decay
@@ -405,7 +470,7 @@ class Trainer:
         self.init_whitening()
         # Preprocess hands the network NHWC-ordered memory; convolutions in that order are
         # faster on GPUs and with oneDNN on CPUs, and no copy is made.
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.lookahead: Lookahead | None = None  # made when it starts (see train_epoch)
         self.ema = WeightEMA(self.model, self.cfg.ema) if self.cfg.ema is not None else None
@@ -418,7 +483,7 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = cast(torch.nn.Module, torch.compile(self.train_model))
         self.history: list[dict[str, Any]] = []
         # Batch size per process: the configured (global) batch split over the ranks, so the
         # optimizer sees the same batch size as a single-process run and the recipe's lr fits.
@@ -436,6 +501,12 @@ class Trainer:
             if fitted:  # --fit-budget chose a smaller training set
                 self.select_training_images()
                 self.steps_per_epoch = self.count_steps()
+
+    @property
+    def budget_minutes(self) -> float:
+        if self.cfg.time_budget is None:
+            raise RuntimeError("planning needs a time budget")
+        return self.cfg.time_budget
 
     def count_steps(self) -> int:
         """Optimizer steps in an epoch of this process's shard."""
@@ -464,12 +535,12 @@ class Trainer:
     @torch.no_grad()
     def init_whitening(self, sample_size: int = 5000) -> None:
         """Set a whitening first layer (models that have one) from a random training sample."""
-        net = self.model.net
-        if not hasattr(net, "init_whitening"):
+        init_whitening = getattr(self.model.net, "init_whitening", None)
+        if init_whitening is None:
             return
         # A random sample: the split keeps the dataset's order, which may be sorted by class.
         pick = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(self.cfg.seed))
-        net.init_whitening(self.model.preprocess(self.train_x[pick[:sample_size].to(self.device)]))
+        init_whitening(self.model.preprocess(self.train_x[pick[:sample_size].to(self.device)]))
 
     def _to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # A copy: the split may be a read-only view of the memory-mapped cache, and training
@@ -493,7 +564,7 @@ class Trainer:
         return self.ema.model if self.ema is not None else self.model
 
     # ---- time budget ----------------------------------------------------------------------
-    def plan_schedule(self) -> TrainConfig:
+    def plan_schedule(self) -> Recipe:
         """The config with `epochs` chosen to fit the time budget, from measured step costs."""
         step_s, image_s, checkpoint_s, first_step_s, test_image_s = self.measure()
         epoch_s = PLAN_MARGIN * (self.steps_per_epoch * step_s + len(self.val_y) * image_s + checkpoint_s)
@@ -504,7 +575,7 @@ class Trainer:
         fixed_s = time.perf_counter() - self.started + final_eval_s
         if self.cfg.compile:  # the run's own model compiles again on its first step
             fixed_s += first_step_s
-        budget_s = 60 * self.cfg.time_budget
+        budget_s = 60 * self.budget_minutes
         images = self.fitted_images(budget_s - fixed_s, step_s, epoch_s) if self.cfg.fit_budget else None
         if images is not None:
             steps = math.ceil(images / self.world_size / self.batch_size)
@@ -544,7 +615,7 @@ class Trainer:
                 f"checkpoint {per_epoch_fixed_s:.1f} s. Give a larger --time-budget.")
         return min(images, len(self.train_y))
 
-    def replan(self, first_epoch_s: float) -> TrainConfig:
+    def replan(self, first_epoch_s: float) -> Recipe:
         """The plan corrected after the first epoch, at the pace that epoch really ran at
         (`first_epoch_s`: its training and validation, plus the measured checkpoint cost).
 
@@ -555,17 +626,17 @@ class Trainer:
         fraction of the corrected total. The checkpoint
         written after this epoch records the final plan, so a resumed run never re-plans.
         """
-        plan = self.cfg.plan
+        plan = self.cfg.plan or {}
         fixed_s = time.perf_counter() - self.started + plan.get("final_eval_seconds", 0.0)
         try:
-            more = plan_epochs(60 * self.cfg.time_budget, PLAN_MARGIN * first_epoch_s, fixed_s)
+            more = plan_epochs(60 * self.budget_minutes, PLAN_MARGIN * first_epoch_s, fixed_s)
         except CifarlabError:  # nothing more fits: stop after this epoch
             more = 0
         epochs = 1 + more
         if self.progress and epochs != self.cfg.epochs:
             tqdm.write(f"re-planned: {epochs} epochs instead of {self.cfg.epochs} "
                        f"(the first took {first_epoch_s:.1f} s)")
-        plan = {**plan, "first_epoch_seconds": round(first_epoch_s, 3), "first_plan_epochs": self.cfg.epochs}
+        plan = {**plan, "first_epoch_seconds": round(first_epoch_s, 3), "first_plan_epochs": self.cfg.planned_epochs}
         return replace(self.cfg, epochs=epochs, plan=plan)
 
     def measure(self) -> tuple[float, float, float, float, float]:
@@ -580,7 +651,7 @@ class Trainer:
         probe = copy.copy(self)  # shares the data tensors
         probe.model = copy.deepcopy(self.model)
         # No DDP: a collective call on rank 0 alone would hang.
-        probe.train_model = torch.compile(probe.model) if cfg.compile else probe.model
+        probe.train_model = cast(torch.nn.Module, torch.compile(probe.model)) if cfg.compile else probe.model
         probe.optimizer = make_optimizer(probe.model, cfg)
         probe.ema = WeightEMA(probe.model, cfg.ema) if cfg.ema is not None else None
         probe.val_x, probe.val_y = self.train_x[:1000], self.train_y[:1000]  # the val split may be empty
@@ -617,7 +688,7 @@ class Trainer:
             tqdm.write(f"run folder: {self.run_dir}  ({self.cfg.model} on {self.device}, "
                        f"{len(self.train_y):,} training images, {len(self.val_y):,} validation)")
         epoch = len(self.history)
-        while epoch < self.cfg.epochs:
+        while epoch < self.cfg.planned_epochs:
             epoch += 1
             epoch_start = time.perf_counter()
             row = self.train_epoch(epoch)
@@ -635,7 +706,7 @@ class Trainer:
                 self.write_history()
                 self.save_checkpoint()
             if self.progress:
-                tqdm.write(format_row(row, self.cfg.epochs))
+                tqdm.write(format_row(row, self.cfg.planned_epochs))
         result = self.finish()
         distributed.barrier()  # no rank returns before rank 0 has written the model
         return result
@@ -665,8 +736,8 @@ class Trainer:
         order = order.to(self.device)
         mirror = alternating_mirror(self.first_mirror, epoch).to(self.device) if cfg.alternate_flip and cfg.flip else None
         ema, last_step, steps_before = self.ema, self.steps_per_epoch - 1, (epoch - 1) * self.steps_per_epoch
-        total_steps = cfg.epochs * self.steps_per_epoch
-        warmup_epochs = round(WARMUP_FRACTION * cfg.epochs)
+        total_steps = cfg.planned_epochs * self.steps_per_epoch
+        warmup_epochs = round(WARMUP_FRACTION * cfg.planned_epochs)
         for group in self.optimizer.param_groups:
             if group.get("whiten_bias"):
                 group["lr_scale"] = 1.0 if epoch <= warmup_epochs else 0.0  # lr 0: frozen
@@ -777,7 +848,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         last = self.history[-1] if self.history else {}
-        model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
+        model = self.eval_model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
         meta = model.meta
         meta["recipe"] = asdict(self.cfg)  # here, not at init: a time budget's plan comes later
         meta["metrics"] = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
@@ -833,7 +904,7 @@ def format_row(row: dict[str, Any], epochs: int) -> str:
     return text + f"  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
 
 
-def default_run_dir(cfg: TrainConfig, dataset: Dataset, root: Path = Path("runs")) -> Path:
+def default_run_dir(cfg: TrainConfig | Recipe, dataset: Dataset, root: Path = Path("runs")) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return root / f"{dataset.name}-{cfg.model}-{stamp}"
 
@@ -848,7 +919,7 @@ def train(cfg: TrainConfig, *, dataset: Dataset | None = None, run_dir: str | Pa
     """Train a model as configured; returns the trained Classifier and where it was written."""
     dataset = dataset if dataset is not None else load_run_dataset(cfg, progress)
     try:
-        return Trainer(cfg, dataset, run_dir, progress).fit()
+        return Trainer(cfg, dataset, Path(run_dir) if run_dir else None, progress).fit()
     finally:
         distributed.teardown()  # a no-op without torchrun
 

@@ -142,7 +142,8 @@ def load_dataset(
         _write_cache(target, ds, verified)
     except OSError as e:
         # A read-only or full disk should not stop a run; it just costs a decode next time.
-        warnings.warn(f"Could not cache {ds.name} in {target} ({e}); it will be decoded again next time.")
+        warnings.warn(f"Could not cache {ds.name} in {target} ({e}); it will be decoded again next time.",
+                      stacklevel=2)
         return _report_skipped(ds, None)
     cached = _read_cache(target, need_verified=False)
     if cached is None:
@@ -157,7 +158,7 @@ def _report_skipped(ds: Dataset, target: Path | None) -> Dataset:
         more = f"\n  ... and {len(ds.skipped) - 5} more" if len(ds.skipped) > 5 else ""
         listed = f" (all listed in {target / 'meta.json'})" if target is not None else ""
         warnings.warn(f"{len(ds.skipped)} images of {ds.name} could not be decoded and were left out{listed}:"
-                      f"\n  {shown}{more}")
+                      f"\n  {shown}{more}", stacklevel=3)
     return ds
 
 

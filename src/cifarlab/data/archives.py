@@ -27,9 +27,10 @@ import stat
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import IO, cast
 
 from cifarlab.errors import DataError
 
@@ -161,7 +162,7 @@ class _Budget:
 class _Metered:
     """A read-only stream that reports every byte read to a budget (tarfile reads through it)."""
 
-    def __init__(self, stream: BinaryIO, budget: _Budget) -> None:
+    def __init__(self, stream: IO[bytes], budget: _Budget) -> None:
         self.stream, self.budget = stream, budget
 
     def read(self, n: int = -1) -> bytes:
@@ -170,12 +171,12 @@ class _Metered:
         return data
 
 
-def _decompressed(path: Path) -> BinaryIO:
+def _decompressed(path: Path) -> IO[bytes]:
     """The archive's bytes, decompressed by magic number (gzip, bzip2, xz) or as they are."""
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic.startswith(b"\x1f\x8b"):
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     if magic.startswith(b"BZh"):
         return bz2.open(path, "rb")
     if magic.startswith(b"\xfd7zXZ\x00"):
@@ -203,9 +204,9 @@ def _tar_files(path: Path) -> dict[str, bytes | Path]:
     budget = _Budget(path)
     with _reading(path, "tar"), _decompressed(path) as raw:
         # Streaming mode ("r|") reads the file once, front to back.
-        with tarfile.open(fileobj=_Metered(raw, budget), mode="r|") as tar:
+        with tarfile.open(fileobj=cast(IO[bytes], _Metered(raw, budget)), mode="r|") as tar:
             while (member := tar.next()) is not None:
-                tar.members.clear()  # streaming needs no index of past members: memory stays flat
+                tar.members.clear()  # type: ignore[attr-defined]  # streaming needs no index of past members: memory stays flat
                 budget.entry()
                 name = _safe_member_name(path, member.name)
                 if member.issym() or member.islnk():
@@ -224,7 +225,7 @@ def _warn_links(path: Path, links: list[str]) -> None:
     """One warning per archive, however many links it holds."""
     if links:
         shown = ", ".join(repr(name) for name in links[:3]) + (f" and {len(links) - 3} more" if len(links) > 3 else "")
-        warnings.warn(f"Skipping link {shown} in {path}: links are not followed in archives.")
+        warnings.warn(f"Skipping link {shown} in {path}: links are not followed in archives.", stacklevel=2)
 
 
 def _zip_files(path: Path) -> dict[str, bytes | Path]:

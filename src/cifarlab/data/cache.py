@@ -47,9 +47,9 @@ def _write_cache(target: Path, ds: Dataset, verified: bool) -> None:
     try:
         arrays = {f: getattr(ds, f) for f in _ARRAY_FIELDS if getattr(ds, f) is not None}
         for field, arr in arrays.items():
-            with open(tmp / f"{field}.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-                _fsync(f)
+            with open(tmp / f"{field}.npy", "wb") as out:
+                np.save(out, np.ascontiguousarray(arr), allow_pickle=False)
+                _fsync(out)
         meta = {
             "format_version": CACHE_FORMAT_VERSION, "name": ds.name, "classes": list(ds.classes),
             "coarse_classes": ds.coarse_classes, "source": ds.source, "verified": verified, "arrays": list(arrays),

@@ -12,7 +12,7 @@ import pickle
 import pickletools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -143,7 +143,7 @@ def _check_opcodes(data: bytes, where: str) -> None:
     """
     try:
         for count, (op, arg, _) in enumerate(pickletools.genops(data), 1):
-            if count > MAX_PICKLE_OPS or (op.name in _MEMO_OPS and int(arg) > MAX_PICKLE_OPS):
+            if count > MAX_PICKLE_OPS or (op.name in _MEMO_OPS and int(cast(int, arg)) > MAX_PICKLE_OPS):
                 raise DataError(f"{where} is not a CIFAR pickle: it has more than {MAX_PICKLE_OPS:,} opcodes or "
                                 "memo entries (the official ones have about 500,000); refusing to load it.")
     except DataError:

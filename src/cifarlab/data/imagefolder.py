@@ -53,7 +53,8 @@ def _imagefolder_from_tree(tree: _Tree, name: str, source: str, resize: bool, pr
             f"{sorted(set(train) - set(test))}; only in test/: {sorted(set(test) - set(train))}."
         )
     classes = sorted(train)  # sorted folder names, as torchvision's ImageFolder
-    arrays, skipped = [], []
+    arrays: list[np.ndarray] = []
+    skipped: list[str] = []
     for split, by_class in (("train", train), ("test", test)):
         files = [(f, label) for label, c in enumerate(classes) for f in by_class[c]]
         x, ok, bad = _decode_images(tree, [f for f, _ in files], resize, bad_images, progress, f"{name} {split}")
@@ -62,7 +63,8 @@ def _imagefolder_from_tree(tree: _Tree, name: str, source: str, resize: bool, pr
                             f"(first: {bad[0]}). Check the files.")
         arrays += [x, np.array([label for _, label in files], dtype=np.int64)[ok]]
         skipped += bad
-    return Dataset(name, *arrays, classes=classes, source=source, skipped=skipped)
+    train_x, train_y, test_x, test_y = arrays
+    return Dataset(name, train_x, train_y, test_x, test_y, classes=classes, source=source, skipped=skipped)
 
 
 def _class_files(tree: _Tree, split: str) -> dict[str, list[str]]:
@@ -148,7 +150,7 @@ def _decode_one(where: str, data: bytes, resize: bool) -> np.ndarray:
                   if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}")
         raise ImageDecodeError(where, reason) from None
     if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
 
 

@@ -14,7 +14,7 @@ re-runs the model under candidate corrections (divide by 255, swap BGR, ...).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -22,10 +22,10 @@ from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
 from cifarlab.diagnosis.inputs import as_labels, load_array
 from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes, train_mode_finding
 from cifarlab.diagnosis.report import CAUSE_IDS, Diagnosis, Finding
-from cifarlab.formats import open_model
-from cifarlab.runner import ModelRunner
 from cifarlab.errors import CifarlabError, InputError
+from cifarlab.formats import open_model
 from cifarlab.metrics import MAX_CLASSES, as_array, softmax
+from cifarlab.runner import ModelRunner
 
 __all__ = ["diagnose", "Diagnosis", "Finding"]
 
@@ -109,6 +109,7 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
                     split: str, class_names: list[str] | None, max_images: int, resize: bool = False):
     runner = open_model(model)
     dataset_names = None
+    y: np.ndarray | None
     if images is None:
         x, y, dataset_names = _dataset_images(runner, data, split, resize)
     else:
@@ -136,9 +137,9 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
     diagnosis.probes = run_probes(runner, x, y, max_images=max_images, as_given_logits=logits)
     for finding in probe_findings(diagnosis.probes, labels_given=y is not None):
         _merge(diagnosis, finding)
-    finding = train_mode_finding(runner, x)
-    if finding is not None:
-        _merge(diagnosis, finding)
+    mode_finding = train_mode_finding(runner, x)
+    if mode_finding is not None:
+        _merge(diagnosis, mode_finding)
     if logits is None and not any(f.severity == "error" and f.id in CAUSE_IDS for f in diagnosis.findings):
         diagnosis.add(_cannot_run(runner, x, diagnosis.summary["as_given_error"]))
     _absorb_into_pairs(diagnosis)
@@ -184,14 +185,14 @@ def _resized(images: np.ndarray, runner: ModelRunner) -> np.ndarray:
     from cifarlab.diagnosis.probes import channel_axis
     from cifarlab.imageops import resize_images
 
-    size = (runner.input_spec.get("height"), runner.input_spec.get("width"))
-    if None in size:
+    height, width = runner.input_spec.get("height"), runner.input_spec.get("width")
+    if height is None or width is None:
         raise InputError(f"{runner.name} does not declare its image size, so --resize cannot know the "
                          "target; resize the images yourself")
     axis = channel_axis(images)
     if axis is None:
         raise InputError(f"cannot resize images of shape {images.shape}: expected (N, H, W, 3) or (N, 3, H, W)")
-    return resize_images(images, size, layout="NHWC" if axis == -1 else "NCHW")
+    return resize_images(images, (int(height), int(width)), layout="NHWC" if axis == -1 else "NCHW")
 
 
 def _dataset_images(runner: ModelRunner, data: Any, split: str,
@@ -283,12 +284,15 @@ def _plot(diagnosis: Diagnosis, plot_dir: str | Path, *, cm: np.ndarray | None =
     from cifarlab.metrics import confusion_matrix
     from cifarlab.plots import plot_confusion_matrix, plot_prediction_histogram
 
-    if cm is None and y_pred is None:
-        return  # the model could not run on the inputs as given: nothing to draw
-    if cm is None and y_true is not None:
-        num_classes = len(names) if names else int(max(y_pred.max(), y_true.max()) + 1)
-        cm = confusion_matrix(y_true, y_pred, num_classes)
-    num_classes = cm.shape[0] if cm is not None else (len(names) if names else int(y_pred.max() + 1))
+    if cm is None:
+        if y_pred is None:
+            return  # the model could not run on the inputs as given: nothing to draw
+        if y_true is not None:
+            cm = confusion_matrix(y_true, y_pred, len(names) if names else int(max(y_pred.max(), y_true.max()) + 1))
+    if cm is not None:
+        num_classes = cm.shape[0]
+    else:
+        num_classes = len(names) if names else int(cast(np.ndarray, y_pred).max() + 1)
     names = names or [str(i) for i in range(num_classes)]
     collapsed = [f for f in diagnosis.findings if f.id == "prediction-collapse"]
     highlight = diagnosis.summary.get("top_class_ids", []) if collapsed else []
@@ -300,6 +304,6 @@ def _plot(diagnosis: Diagnosis, plot_dir: str | Path, *, cm: np.ndarray | None =
                               if highlight else f"Confusion matrix ({verdict})")
         pred_counts, true_counts = cm.sum(0), cm.sum(1)
     else:
-        pred_counts, true_counts = np.bincount(y_pred, minlength=num_classes), None
+        pred_counts, true_counts = np.bincount(cast(np.ndarray, y_pred), minlength=num_classes), None
     plot_prediction_histogram(true_counts, pred_counts, names, out / "class_histogram.png",
                               title=f"How often each class is predicted vs how often it occurs ({verdict})")

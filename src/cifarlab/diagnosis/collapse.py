@@ -141,8 +141,8 @@ from cifarlab.data.cifar import CIFAR100_COARSE_OF_FINE
 from cifarlab.diagnosis.report import Diagnosis, Finding
 from cifarlab.errors import InputError
 from cifarlab.metrics import (
-    as_count_matrix,
     as_class_ids,
+    as_count_matrix,
     as_probabilities,
     check_class_names,
     check_num_classes,
@@ -334,7 +334,7 @@ class _Confidence:
         return self.mean >= CONFIDENT_MEAN and self.mean >= 1.0 / self.num_classes + CONFIDENT_MARGIN
 
     def summary(self) -> dict[str, Any]:
-        data = {"mean_confidence": self.mean}
+        data: dict[str, Any] = {"mean_confidence": self.mean}
         if self.ece is not None:
             data.update({"mean_confidence_correct": self.mean_correct, "mean_confidence_wrong": self.mean_wrong,
                          "confidently_wrong_share": self.confidently_wrong_share,
@@ -699,7 +699,7 @@ def _confidence_findings(confidence: _Confidence | None) -> list[Finding]:
         return []
     findings = []
     share = confidence.confidently_wrong_share
-    if share > CONFIDENTLY_WRONG_INFO_SHARE:
+    if share is not None and share > CONFIDENTLY_WRONG_INFO_SHARE:
         findings.append(Finding(
             "confidently-wrong", "info", f"{_pct(share)} of predictions are wrong with confidence >= "
             f"{CONFIDENTLY_WRONG}", "Many confident mistakes point at systematic errors (misaligned labels, "

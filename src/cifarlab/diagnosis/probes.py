@@ -11,15 +11,16 @@ comparison of the inputs with them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from cifarlab.diagnosis.collapse import prediction_stats
 from cifarlab.diagnosis.report import Finding
-from cifarlab.runner import ModelRunner, expected_shape, shape_fits
 from cifarlab.errors import InputError
+from cifarlab.runner import ModelRunner, expected_shape, shape_fits
 
 # Per-channel mean/std on the 0..1 scale. "cifar" is the average of the CIFAR-10 and
 # CIFAR-100 training-set values (they differ by ~0.01, far below what a probe can tell).
@@ -356,7 +357,7 @@ def _pairs(rows: list[dict[str, Any]], labels_given: bool) -> list[tuple[str, st
                 continue
             steps = tuple(sorted((mover["name"], name), key=lambda n: PROBES[n].stage))
             if steps not in pairs:
-                pairs.append(steps)  # type: ignore[arg-type]
+                pairs.append(steps)
     return pairs
 
 

@@ -8,9 +8,8 @@ Each entry also carries the training recipe it was designed for, which `cifarlab
 uses unless told otherwise.
 """
 
-from cifarlab.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
-
 # Importing the modules registers their models.
 from cifarlab.models import airbench, keras_cnn  # noqa: E402,F401
+from cifarlab.models.registry import ModelSpec, create_model, get_model_spec, list_models, register_model
 
 __all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]

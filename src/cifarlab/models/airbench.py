@@ -61,7 +61,8 @@ class AirbenchNet(nn.Module):
         whiten_width = 2 * 3 * whiten_kernel ** 2
         self.whiten = nn.Conv2d(3, whiten_width, whiten_kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
-        nn.init.zeros_(self.whiten.bias)
+        if self.whiten.bias is not None:  # always, with bias=True; says so to the type checker
+            nn.init.zeros_(self.whiten.bias)
         groups, cin = [], whiten_width
         for width in widths:
             groups.append(ConvGroup(cin, width, bn_momentum))
