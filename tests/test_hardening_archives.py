@@ -12,7 +12,9 @@ milliseconds; a separate test checks the real limits on a declared size.
 from __future__ import annotations
 
 import io
+import os
 import stat
+import threading
 import tarfile
 import zipfile
 from pathlib import Path
@@ -350,3 +352,49 @@ def test_pickle_of_millions_of_objects_is_refused(tmp_path: Path, cache: Path, m
     bomb = b"\x80\x02(" + b"}" * 5000 + b"l."  # a list of 5000 empty dicts
     with pytest.raises(DataError, match="more than 1,000 opcodes"):
         load(cifar10_archive(tmp_path / "many.tar.gz", bomb), cache)
+
+
+# ---- dataset folders: only regular files are read ----------------------------------------------
+
+def _load_in_thread(root: Path, cache: Path, seconds: float = 60) -> BaseException | None:
+    """load_dataset in a daemon thread: a read that blocked forever would fail the test, not hang it."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            load(root, cache)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, "load_dataset did not return: it blocked on a file it should not have opened"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_a_folder_never_opens_fifos_or_devices(tmp_path: Path, cache: Path, kind: str) -> None:
+    root = tmp_path / "folder"
+    for name in IMAGES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(PNG)
+    odd = root / "train" / "cat" / "1.png"
+    if kind == "fifo":
+        os.mkfifo(odd)  # opening it for reading would wait for a writer forever
+    else:
+        odd.symlink_to("/dev/zero")  # reading it would never end
+    error = _load_in_thread(root, cache)
+    assert isinstance(error, DataError) and "is not a regular file" in str(error) and "1.png" in str(error)
+
+
+def test_a_folder_file_beyond_the_size_cap_is_refused(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.setattr(archives, "MAX_FILE_BYTES", 1000)
+    root = tmp_path / "folder"
+    for name in IMAGES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(PNG)
+    (root / "train" / "cat" / "big.png").write_bytes(PNG + bytes(2000))
+    with pytest.raises(DataError, match="big.png holds 2,[0-9]+ bytes; files in a dataset folder are read up to 1,000"):
+        load(root, cache)

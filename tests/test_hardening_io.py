@@ -438,3 +438,35 @@ def test_train_and_resume_offer_and_take_resize(capsys, tmp_path: Path, monkeypa
     code, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--epochs", "3", "--resize", "--quiet")
     assert code == 0, err
     assert load_model(tmp_path / "run" / "model.safetensors").meta["metrics"]["epochs"] == 3
+
+
+def test_onnx_failures_and_runaway_graphs_are_clear_errors(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("onnx")
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from cifarlab import onnx as cifarlab_onnx
+
+    vi = helper.make_tensor_value_info
+    image = vi("x", T.FLOAT, ["N", 32, 32, 3])
+    # A reshape to a fixed 7 elements: valid as a graph, fails inside onnxruntime on any batch.
+    shape = numpy_helper.from_array(np.array([7], np.int64), "shape")
+    bad = onnx_model(tmp_path, "bad-reshape", [image], [vi("m", T.FLOAT, ["N", 3])],
+                     [helper.make_node("Constant", [], ["shape"], value=shape),
+                      helper.make_node("Reshape", ["x", "shape"], ["m"])])
+    x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+    runner = cifarlab_onnx.open_onnx(bad)
+    with pytest.raises(InputError, match=r"onnxruntime failed running bad-reshape.onnx on a batch of shape \(4, 32, 32, 3\)"):
+        runner.logits(x)
+    # A slow graph: 40 chained 3072x3072 matrix products per batch.
+    weight = numpy_helper.from_array(np.eye(3072, dtype=np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["w"], value=weight),
+             helper.make_node("Flatten", ["x"], ["h0"])]
+    nodes += [helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]) for i in range(40)]
+    nodes += [helper.make_node("Slice", ["h40", "starts", "ends", "axes"], ["m"])]
+    for name, value in (("starts", 0), ("ends", 3), ("axes", 1)):
+        nodes.insert(0, helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array([value]), name)))
+    slow = onnx_model(tmp_path, "slow", [image], [vi("m", T.FLOAT, ["N", 3])], nodes)
+    monkeypatch.setattr(cifarlab_onnx, "ONNX_BATCH_SECONDS", 0.05)
+    with pytest.raises(InputError, match=r"slow.onnx ran longer than 0.05 s on one batch of 500 images"):
+        cifarlab_onnx.open_onnx(slow).logits(np.zeros((500, 32, 32, 3), np.float32))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from cifarlab.modelfile import METADATA_KEY
 from cifarlab.runner import ModelRunner, RunnerClassifier, recorded_accuracy
 
 ONNX_HINT = "pip install 'cifarlab[onnx]'"
+# One batch (500 images by default) of a CIFAR classifier runs in well under a second; a graph
+# that takes this long is stopped rather than left to hang evaluation or diagnosis.
+ONNX_BATCH_SECONDS = 120.0
 
 # ONNX element types we can feed, mapped to numpy dtypes.
 _ONNX_DTYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",
@@ -64,7 +68,7 @@ def open_onnx(path: str | Path) -> ModelRunner:
     output = onnx_class_output(session, path)
 
     def forward(batch: np.ndarray) -> np.ndarray:
-        return session.run([output.name], {input_name: batch})[0]
+        return run_bounded(ort, session, path, output.name, input_name, batch)
 
     return ModelRunner(
         name=path.name, kind="onnx", num_classes=_onnx_num_classes(output, meta),
@@ -72,6 +76,26 @@ def open_onnx(path: str | Path) -> ModelRunner:
         train_stats=(meta or {}).get("train_input_stats"),
         trained_accuracy=recorded_accuracy(meta) if meta else None, forward=forward,
         feed_dtype=spec["dtype"], meta=meta)
+
+
+def run_bounded(ort: Any, session: Any, path: Path, output: str, input_name: str, batch: np.ndarray) -> Any:
+    """session.run on one batch, stopped after ONNX_BATCH_SECONDS (onnxruntime checks its
+    terminate flag between nodes); any onnxruntime failure becomes an InputError that says
+    what was fed (its exception types are not RuntimeError or ValueError)."""
+    options = ort.RunOptions()
+    timer = threading.Timer(ONNX_BATCH_SECONDS, lambda: setattr(options, "terminate", True))
+    timer.start()
+    try:
+        return session.run([output], {input_name: batch}, options)[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own types (Fail, InvalidArgument, ...)
+        if options.terminate:
+            raise InputError(f"{path.name} ran longer than {ONNX_BATCH_SECONDS:g} s on one batch of {len(batch)} "
+                             "images and was stopped: is it an image classifier of a sensible size?") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"onnxruntime failed running {path.name} on a batch of shape {batch.shape} "
+                         f"({batch.dtype}): {first[:300]}") from None
+    finally:
+        timer.cancel()
 
 
 def onnx_input_spec(session: Any, path: Path, meta: dict[str, Any] | None) -> dict[str, Any]:

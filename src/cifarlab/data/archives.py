@@ -45,6 +45,8 @@ MAX_ARCHIVE_MEMBERS = 1_000_000
 # exempt: a few MB of solid-colour test images may compress very well.
 MAX_EXPANSION_RATIO = 100
 BOMB_FLOOR_BYTES = 256 * 1024**2
+# One file of a dataset folder: the official CIFAR batches are 31 MB, an image far less.
+MAX_FILE_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -57,12 +59,29 @@ class _Tree:
 
     def read(self, name: str) -> bytes:
         value = self.files[name]
-        return value if isinstance(value, bytes) else value.read_bytes()
+        return value if isinstance(value, bytes) else _read_regular_file(value)
 
     def where(self, name: str) -> str:
         """Where ``name`` is, in words a user can find it by."""
         value = self.files[name]
         return str(value) if isinstance(value, Path) else f"{self.origin} (member {self.prefix}{name})"
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """A folder's file, after checking that it is one: a FIFO would block the read forever and a
+    device such as /dev/zero (also behind a symlink) would never end, so neither is opened."""
+    info = path.stat()  # follows symlinks: the type of what would be read
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{path} is not a regular file (a FIFO, device, socket or a link to one); "
+                        "refusing to read it. Remove it from the dataset folder.")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{path} holds {info.st_size:,} bytes; files in a dataset folder are read up to "
+                        f"{MAX_FILE_BYTES:,}. Remove it from the dataset folder.")
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)  # a file that grows while read is still bounded
+    if len(data) > MAX_FILE_BYTES:
+        raise DataError(f"{path} grew beyond {MAX_FILE_BYTES:,} bytes while it was read")
+    return data
 
 
 def _ignored(parts: tuple[str, ...]) -> bool:
