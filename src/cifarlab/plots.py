@@ -31,6 +31,10 @@ _ANNOTATE_MAX_CLASSES = 20
 # Up to this many classes tick labels still fit (at 4.5 pt on a 14-inch figure);
 # beyond it they would overlap, so they are left out and the axis label says so.
 _LABEL_MAX_CLASSES = 120
+# Beyond this many classes a confusion matrix is drawn in blocks of classes (counts summed):
+# a 10,000-class matrix has more cells than the figure has pixels, and drawing it took
+# minutes. `cifarlab diagnose` accepts up to metrics.MAX_CLASSES classes.
+_MAX_DRAWN_SIDE = 500
 _DPI = 150
 _HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
@@ -61,6 +65,18 @@ def _color_norm(values: np.ndarray, normalize: bool, log_scale: bool, fit_max: b
         vmin = float(positive.min())
         return LogNorm(vmin=vmin, vmax=max(vmax, vmin * 10))
     return Normalize(vmin=0.0, vmax=vmax)
+
+
+def _in_blocks(counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """A matrix of more than _MAX_DRAWN_SIDE classes summed over blocks of consecutive classes."""
+    n = counts.shape[0]
+    block = -(-n // _MAX_DRAWN_SIDE)
+    if block == 1:
+        return counts, 1
+    side = -(-n // block)
+    padded = np.zeros((side * block, side * block), dtype=counts.dtype)
+    padded[:n, :n] = counts
+    return padded.reshape(side, block, side, block).sum(axis=(1, 3)), block
 
 
 def _figure_size(num_classes: int) -> tuple[float, float]:
@@ -125,9 +141,15 @@ def plot_confusion_matrix(
     confusions are not washed out by a bright diagonal. Returns ``path``.
     """
     counts = as_count_matrix(cm)
+    if len(class_names) != counts.shape[0]:
+        raise InputError(f"class_names must have one name per class: expected {counts.shape[0]}, "
+                         f"got {len(class_names)}.")
+    counts, block = _in_blocks(counts)
+    if block > 1:
+        class_names = [f"{i * block}-{min((i + 1) * block, len(class_names)) - 1}" for i in range(len(counts))]
+        highlight_columns = sorted({c // block for c in highlight_columns or []})
+        title = f"{title} (in blocks of {block} classes)"
     n = counts.shape[0]
-    if len(class_names) != n:
-        raise InputError(f"class_names must have one name per class: expected {n}, got {len(class_names)}.")
     values = _row_normalize(counts) if normalize else counts.astype(np.float64)
     if mask_diagonal:
         np.fill_diagonal(values, 0)  # out of the colour range; drawn grey below
@@ -165,6 +187,8 @@ def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: n
     tall bars and many empty classes.
     """
     n = len(class_names)
+    if n > _LABEL_MAX_CLASSES:
+        return _save(_ranked_histogram(y_true_counts, y_pred_counts, title), path)
     x = np.arange(n)
     fig = Figure(figsize=(max(8.0, n * 0.14), 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -180,6 +204,27 @@ def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: n
     ax.legend()
     ax.set_title("\n".join(textwrap.wrap(title, 110)))
     return _save(fig, path)
+
+
+def _ranked_histogram(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarray, title: str) -> Figure:
+    """Too many classes for a bar each: the classes ranked by how often they are predicted,
+    predictions as a filled curve and the true counts of the same classes as a line. A
+    collapse shows as a tall head and a long empty tail."""
+    order = np.argsort(-np.asarray(y_pred_counts), kind="stable")
+    rank = np.arange(len(order))
+    fig = Figure(figsize=(10.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.fill_between(rank, np.asarray(y_pred_counts)[order], step="mid", color="#d62728", alpha=0.7,
+                    label="predicted class")
+    if y_true_counts is not None:
+        ax.step(rank, np.asarray(y_true_counts)[order], where="mid", color="#3182bd", linewidth=0.8,
+                label="true class")
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set_xlabel(f"classes, most predicted first ({len(order):,} classes; names omitted)")
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title("\n".join(textwrap.wrap(title, 110)))
+    return fig
 
 
 def plot_per_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: Path, *, title: str,
