@@ -14,8 +14,8 @@ from __future__ import annotations
 import io
 import os
 import stat
-import threading
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
