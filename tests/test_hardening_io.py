@@ -470,3 +470,27 @@ def test_onnx_failures_and_runaway_graphs_are_clear_errors(tmp_path: Path, monke
     monkeypatch.setattr(cifarlab_onnx, "ONNX_BATCH_SECONDS", 0.05)
     with pytest.raises(InputError, match=r"slow.onnx ran longer than 0.05 s on one batch of 500 images"):
         cifarlab_onnx.open_onnx(slow).logits(np.zeros((500, 32, 32, 3), np.float32))
+
+
+def test_npz_members_are_bounded_before_numpy_allocates(tmp_path: Path, monkeypatch) -> None:
+    import io
+    import zipfile
+
+    from cifarlab.diagnosis import inputs
+    from cifarlab.diagnosis.inputs import load_array
+
+    # A member whose header claims 10^12 float64 values in a few bytes of data.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**12,)})
+    with zipfile.ZipFile(tmp_path / "liar.npz", "w") as archive:
+        archive.writestr("probs.npy", header.getvalue() + bytes(64))
+    with pytest.raises(InputError, match="declares 8,000,000,000,000 bytes of data but holds"):
+        load_array(tmp_path / "liar.npz", "predictions")
+    # A member beyond the cap (lowered here: the real one is 8 GiB), refused by its declared size.
+    monkeypatch.setattr(inputs, "MAX_ARRAY_BYTES", 1024**2)
+    np.savez_compressed(tmp_path / "bomb.npz", probs=np.zeros((2, 1024**2 // 8)))
+    with pytest.raises(InputError, match="expands to 2,097,280 bytes; cifarlab reads arrays up to 1,048,576"):
+        load_array(tmp_path / "bomb.npz", "predictions")
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, probs=np.eye(3))
+    assert load_array(ok, "predictions").shape == (3, 3)

@@ -6,6 +6,7 @@ cannot run code.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import numpy as np
 from cifarlab.errors import InputError
 from cifarlab.metrics import as_array
 
+# The largest array read from a .npz member (a CIFAR test split as float32 is 123 MB).
+MAX_ARRAY_BYTES = 8 * 1024**3
 # Keys tried, in order, when an .npz holds several arrays.
 NPZ_KEYS = {
     "images": ("x", "images", "x_test", "X", "X_test", "data"),
@@ -45,6 +48,7 @@ def load_array(path: str | Path, what: str) -> np.ndarray:
 
 
 def _from_npz(path: Path, what: str) -> np.ndarray:
+    _check_npz_sizes(path, what)
     with np.load(path, allow_pickle=False) as archive:
         keys = list(archive.keys())
         if len(keys) == 1:
@@ -54,6 +58,28 @@ def _from_npz(path: Path, what: str) -> np.ndarray:
                 return archive[key]
     raise InputError(f"--{what}: {path} holds arrays {keys}; expected one of {list(NPZ_KEYS[what])} "
                      "or a file with a single array")
+
+
+def _check_npz_sizes(path: Path, what: str) -> None:
+    """Each member's declared size is bounded, and its array header may not claim more data than
+    the member holds: numpy allocates the whole array from the header before reading it, so a
+    few bytes claiming a 10^12-element array (or a zip bomb) would exhaust memory first."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.file_size > MAX_ARRAY_BYTES:
+                raise InputError(f"--{what}: {path} member {info.filename} expands to {info.file_size:,} bytes; "
+                                 f"cifarlab reads arrays up to {MAX_ARRAY_BYTES:,} bytes")
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > info.file_size:
+                raise InputError(f"--{what}: {path} member {info.filename} declares {declared:,} bytes of data "
+                                 f"but holds {info.file_size:,}: the file is damaged")
 
 
 def _from_csv(path: Path) -> np.ndarray:
