@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,22 @@ def test_ten_thousand_classes_are_drawn_aggregated_not_one_bar_each(tmp_path):
     # Block (0, 0) of the 20 x 20 classes holds class 3's column: its outline is drawn in red.
     pixels = np.asarray(Image.open(matrix).convert("RGB")).reshape(-1, 3)
     assert ((pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)).any()
+
+
+def test_figures_draw_on_the_callers_axes_and_render_in_memory():
+    """scikit-learn's pattern: draw on the axes given, return the figure; saving is the caller's."""
+    from matplotlib.figure import Figure
+
+    from cifarlab.plots import confusion_matrix_figure, png_bytes, prediction_histogram_figure
+
+    cm = random_confusion(10, seed=0)
+    fig = Figure(figsize=(12, 5))
+    left, right = fig.subplots(1, 2)
+    assert confusion_matrix_figure(cm, CIFAR10_NAMES, title="mine", ax=left) is fig
+    assert prediction_histogram_figure(cm.sum(1), cm.sum(0), CIFAR10_NAMES, title="hist", ax=right) is fig
+    assert len(left.images) == 1 and left.get_title() == "mine"
+    assert len(right.patches) == 20 and right.get_title() == "hist"  # a true and a predicted bar per class
+    data = png_bytes(fig)
+    assert data.startswith(b"\x89PNG") and Image.open(io.BytesIO(data)).size == (1800, 750)
+    alone = confusion_matrix_figure(cm, CIFAR10_NAMES, title="alone")
+    assert alone is not fig and len(alone.axes) == 2  # its own axes and the colour bar

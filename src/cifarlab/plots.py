@@ -1,16 +1,23 @@
-"""PNG plots of confusion matrices and training history.
+"""Plots of confusion matrices, class histograms, per-class accuracy and training history.
 
-Figures are built with ``matplotlib.figure.Figure`` and rendered by the Agg
-canvas directly, never through pyplot: no global figure registry, no GUI
-backend, nothing to close, and safe to call from worker threads or tests.
+Computing and drawing are separate, as in scikit-learn: each ``*_figure`` function draws on
+the caller's ``ax`` (a Figure is made when none is given) and returns the Figure, so a
+notebook can place it in its own layout; ``save_png`` and ``png_bytes`` render one, and the
+``plot_*`` functions are the one-line "draw and save" forms the CLI uses.
+
+Figures are built with ``matplotlib.figure.Figure`` and rendered by the Agg canvas
+directly, never through pyplot: no global figure registry, no GUI backend, nothing to
+close, and safe to call from worker threads or tests.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import textwrap
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from matplotlib import colormaps
@@ -24,7 +31,9 @@ from matplotlib.ticker import MaxNLocator
 from cifarlab.errors import InputError
 from cifarlab.metrics import as_count_matrix
 
-__all__ = ["plot_confusion_matrix", "plot_history", "plot_prediction_histogram", "plot_per_class_accuracy"]
+__all__ = ["confusion_matrix_figure", "history_figure", "per_class_accuracy_figure", "plot_confusion_matrix",
+           "plot_history", "plot_per_class_accuracy", "plot_prediction_histogram", "png_bytes",
+           "prediction_histogram_figure", "save_png"]
 
 # Up to this many classes every cell gets its value written in it (CIFAR-10 size).
 _ANNOTATE_MAX_CLASSES = 20
@@ -39,12 +48,28 @@ _DPI = 150
 _HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure rendered as PNG, in memory."""
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Render the figure as a PNG file at ``path``; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg
-    fig.savefig(path, format="png", dpi=_DPI)
+    path.write_bytes(png_bytes(fig))
     return path
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """The caller's axes and their figure, or a new figure of ``figsize`` with one axes."""
+    if ax is not None:
+        return cast(Figure, ax.figure), ax  # a SubFigure draws the same way
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
 
 
 def _row_normalize(counts: np.ndarray) -> np.ndarray:
@@ -119,18 +144,23 @@ def _annotate_cells(ax: Axes, values: np.ndarray, norm: Normalize, normalize: bo
             ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, color=color)
 
 
-def plot_confusion_matrix(
+def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, **options: Any) -> Path:
+    """``confusion_matrix_figure`` saved as a PNG at ``path``; returns ``path``."""
+    return save_png(confusion_matrix_figure(cm, class_names, **options), path)
+
+
+def confusion_matrix_figure(
     cm: np.ndarray,
     class_names: list[str],
-    path: Path,
     *,
     title: str,
     normalize: bool = True,
     log_scale: bool = False,
     highlight_columns: list[int] | None = None,
     mask_diagonal: bool = False,
-) -> Path:
-    """Draw ``cm`` (rows = true class, columns = predicted class) as a PNG at ``path``.
+    ax: Axes | None = None,
+) -> Figure:
+    """Draw ``cm`` (rows = true class, columns = predicted class) on ``ax`` (or a new figure).
 
     ``normalize`` divides each row by its total so cells read as "fraction of the
     true class"; ``log_scale`` uses a logarithmic colour scale (zero cells are left
@@ -138,7 +168,7 @@ def plot_confusion_matrix(
     ``highlight_columns`` outlines those predicted classes in red (the "vertical bars"
     of a collapsed model, as marked by the diagnosis). ``mask_diagonal`` greys out the
     correct predictions and scales the colours to the largest mistake, so that the
-    confusions are not washed out by a bright diagonal. Returns ``path``.
+    confusions are not washed out by a bright diagonal. Returns the figure.
     """
     counts = as_count_matrix(cm)
     if len(class_names) != counts.shape[0]:
@@ -157,8 +187,7 @@ def plot_confusion_matrix(
     blues = colormaps["Blues"]
     cmap = blues.with_extremes(bad=blues(0.0))  # masked zeros on a log scale show as the lowest colour
 
-    fig = Figure(figsize=_figure_size(n), layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = _axes(ax, _figure_size(n))
     shown = np.ma.masked_less_equal(values, 0) if isinstance(norm, LogNorm) else values
     image = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest")
     colorbar = fig.colorbar(image, ax=ax, shrink=0.8 if n <= _ANNOTATE_MAX_CLASSES else 0.6)
@@ -176,11 +205,17 @@ def plot_confusion_matrix(
         ax.add_patch(Rectangle((column - 0.5, -0.5), 1, n, fill=False, edgecolor="red", linewidth=1.5))
     # Long titles ("Confusion matrix — cifar100 test split, model ... (accuracy ...)") would be clipped.
     ax.set_title("\n".join(textwrap.wrap(title, 70 if n <= _ANNOTATE_MAX_CLASSES else 110)))
-    return _save(fig, path)
+    return fig
 
 
 def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarray,
-                              class_names: list[str], path: Path, *, title: str) -> Path:
+                              class_names: list[str], path: Path, **options: Any) -> Path:
+    """``prediction_histogram_figure`` saved as a PNG at ``path``; returns ``path``."""
+    return save_png(prediction_histogram_figure(y_true_counts, y_pred_counts, class_names, **options), path)
+
+
+def prediction_histogram_figure(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarray,
+                                class_names: list[str], *, title: str, ax: Axes | None = None) -> Figure:
     """Bars of how often each class is predicted, next to how often it truly occurs.
 
     A healthy model's predicted bars follow the true ones; a collapsed one shows a few
@@ -188,10 +223,9 @@ def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: n
     """
     n = len(class_names)
     if n > _LABEL_MAX_CLASSES:
-        return _save(_ranked_histogram(y_true_counts, y_pred_counts, title), path)
+        return _ranked_histogram(y_true_counts, y_pred_counts, title, ax)
     x = np.arange(n)
-    fig = Figure(figsize=(max(8.0, n * 0.14), 4.5), layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = _axes(ax, (max(8.0, n * 0.14), 4.5))
     width = 0.4 if y_true_counts is not None else 0.8
     if y_true_counts is not None:
         ax.bar(x - width / 2, y_true_counts, width, label="true class", color="#9ecae1")
@@ -203,17 +237,17 @@ def plot_prediction_histogram(y_true_counts: np.ndarray | None, y_pred_counts: n
     ax.set_ylabel("images")
     ax.legend()
     ax.set_title("\n".join(textwrap.wrap(title, 110)))
-    return _save(fig, path)
+    return fig
 
 
-def _ranked_histogram(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarray, title: str) -> Figure:
+def _ranked_histogram(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarray, title: str,
+                      ax: Axes | None) -> Figure:
     """Too many classes for a bar each: the classes ranked by how often they are predicted,
     predictions as a filled curve and the true counts of the same classes as a line. A
     collapse shows as a tall head and a long empty tail."""
     order = np.argsort(-np.asarray(y_pred_counts), kind="stable")
     rank = np.arange(len(order))
-    fig = Figure(figsize=(10.0, 4.5), layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = _axes(ax, (10.0, 4.5))
     ax.fill_between(rank, np.asarray(y_pred_counts)[order], step="mid", color="#d62728", alpha=0.7,
                     label="predicted class")
     if y_true_counts is not None:
@@ -227,8 +261,14 @@ def _ranked_histogram(y_true_counts: np.ndarray | None, y_pred_counts: np.ndarra
     return fig
 
 
-def plot_per_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: Path, *, title: str,
-                            overall: float | None = None, chance: float | None = None) -> Path:
+def plot_per_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: Path, **options: Any) -> Path:
+    """``per_class_accuracy_figure`` saved as a PNG at ``path``; returns ``path``."""
+    return save_png(per_class_accuracy_figure(accuracy, class_names, **options), path)
+
+
+def per_class_accuracy_figure(accuracy: np.ndarray, class_names: list[str], *, title: str,
+                              overall: float | None = None, chance: float | None = None,
+                              ax: Axes | None = None) -> Figure:
     """Each class's accuracy (recall) as a bar, best first, with the overall and chance levels.
 
     Sorted bars show at a glance whether a model is uniformly mediocre or perfect on a few
@@ -240,8 +280,7 @@ def plot_per_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: 
                          f"got {len(class_names)}.")
     order = np.argsort(-accuracy, kind="stable")
     n = len(order)
-    fig = Figure(figsize=(max(8.0, n * 0.14), 4.5), layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = _axes(ax, (max(8.0, n * 0.14), 4.5))
     ax.bar(np.arange(n), accuracy[order], 0.8, color="#3182bd")
     for level, label, style in ((overall, "overall", "-"), (chance, "chance", ":")):
         if level is not None:
@@ -254,7 +293,7 @@ def plot_per_class_accuracy(accuracy: np.ndarray, class_names: list[str], path: 
     if overall is not None or chance is not None:
         ax.legend(loc="upper right")
     ax.set_title("\n".join(textwrap.wrap(title, 110)))
-    return _save(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------- #
@@ -311,18 +350,26 @@ def _plot_pair(ax: Axes, epochs: np.ndarray, train: np.ndarray, val: np.ndarray,
 
 
 def plot_history(history_csv: Path, path: Path, *, title: str) -> Path:
-    """Plot loss and accuracy vs epoch from a training-history CSV as a PNG at ``path``.
+    """``history_figure`` saved as a PNG at ``path``; returns ``path``."""
+    return save_png(history_figure(history_csv, title=title), path)
+
+
+def history_figure(history_csv: Path, *, title: str, axes: tuple[Axes, Axes] | None = None) -> Figure:
+    """Loss and accuracy vs epoch from a training-history CSV, on two axes (the caller's or new).
 
     The CSV has columns ``epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds``;
     validation cells may be empty, in which case only training curves are drawn.
-    Returns ``path``.
     """
     h = _read_history(history_csv)
-    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    if axes is None:
+        fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+        loss_ax, acc_ax = fig.subplots(1, 2)
+    else:
+        loss_ax, acc_ax = axes
+        fig = cast(Figure, loss_ax.figure)
     _plot_pair(loss_ax, h["epoch"], h["train_loss"], h["val_loss"], "loss")
     loss_ax.set_title("loss")
     _plot_pair(acc_ax, h["epoch"], h["train_acc"], h["val_acc"], "accuracy")
     acc_ax.set_title("accuracy")
     fig.suptitle(title)
-    return _save(fig, path)
+    return fig

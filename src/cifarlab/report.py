@@ -18,7 +18,6 @@ import base64
 import html
 import io
 import json
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,12 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from cifarlab import __version__
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import as_count_matrix, load_confusion_json, most_confused_pairs
-from cifarlab.plots import plot_confusion_matrix, plot_history, plot_per_class_accuracy, plot_prediction_histogram
+from cifarlab.plots import (
+    confusion_matrix_figure,
+    history_figure,
+    per_class_accuracy_figure,
+    png_bytes,
+    prediction_histogram_figure,
+)
 
 __all__ = ["write_report", "load_evaluation", "CM_SCALES"]
 
@@ -88,14 +94,13 @@ def write_report(out: str | Path, *, evaluations: list[str | Path | dict[str, An
                             + ") or a diagnosis (`cifarlab diagnose ... --json > diag.json`)")
     history_path = _existing_file(history, "history", "a history.csv written by `cifarlab train`")
     title = title or "cifarlab report — " + (" vs ".join(e.label for e in evals) or "diagnosis")
-    with tempfile.TemporaryDirectory(prefix="cifarlab-report-") as tmp:
-        canvas = Canvas(Path(tmp))
-        sections = [
-            headline_section(evals),
-            diagnosis_section(diag, canvas, diagnosis_plots) if diag is not None else "",
-            *evaluation_sections(evals, canvas, cm_scale, mask_diagonal),
-            history_section(history_path, canvas) if history_path else "",
-        ]
+    canvas = Canvas()
+    sections = [
+        headline_section(evals),
+        diagnosis_section(diag, canvas, diagnosis_plots) if diag is not None else "",
+        *evaluation_sections(evals, canvas, cm_scale, mask_diagonal),
+        history_section(history_path, canvas) if history_path else "",
+    ]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page(title, evals, "\n".join(s for s in sections if s)), encoding="utf-8")
@@ -213,15 +218,10 @@ def _existing_file(path: str | Path | None, what: str, expected: str) -> Path | 
 # ---- figures ------------------------------------------------------------------------------
 
 class Canvas:
-    """Draws figures into a scratch folder and hands them back as data: URIs."""
+    """Draws figures in memory and hands them back as data: URIs."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.count = 0
-
-    def draw(self, plot: Callable[..., Path], *args: Any, **kwargs: Any) -> str:
-        self.count += 1
-        return png_uri(plot(*args, path=self.folder / f"figure{self.count}.png", **kwargs).read_bytes())
+    def draw(self, figure: Callable[..., Figure], *args: Any, **kwargs: Any) -> str:
+        return png_uri(png_bytes(figure(*args, **kwargs)))
 
 
 def png_uri(data: bytes) -> str:
@@ -345,7 +345,7 @@ def evaluation_sections(evals: list[Evaluation], canvas: Canvas, cm_scale: str, 
 def confusion_panel(e: Evaluation, canvas: Canvas, cm_scale: str, mask_diagonal: bool, style: str) -> str:
     title = (f"{e.label}: {e.where}, {int(e.cm.sum()):,} images, accuracy {e.metrics['accuracy']:.1%}"
              + (f" ({style})" if style else ""))
-    uri = canvas.draw(plot_confusion_matrix, e.cm, e.classes, title=title,
+    uri = canvas.draw(confusion_matrix_figure, e.cm, e.classes, title=title,
                       log_scale=cm_scale == "log", mask_diagonal=mask_diagonal)
     return f"<h3>{esc(e.label)}</h3>" + img(uri, f"confusion matrix: {title}")
 
@@ -357,7 +357,7 @@ def coarse_panel(e: Evaluation, canvas: Canvas, cm_scale: str, mask_diagonal: bo
     cm = as_count_matrix(coarse["confusion_matrix"], "the coarse confusion matrix")
     title = (f"{e.label}: superclasses, {e.where}, coarse accuracy {coarse['accuracy']:.1%}"
              + (f" ({style})" if style else ""))
-    uri = canvas.draw(plot_confusion_matrix, cm, list(coarse["classes"]), title=title,
+    uri = canvas.draw(confusion_matrix_figure, cm, list(coarse["classes"]), title=title,
                       log_scale=cm_scale == "log", mask_diagonal=mask_diagonal)
     pairs = ", ".join(f"{esc(p['true'])} → {esc(p['predicted'])} ({p['count']:,})"
                       for p in (coarse.get("most_confused") or [])[:3])
@@ -367,7 +367,7 @@ def coarse_panel(e: Evaluation, canvas: Canvas, cm_scale: str, mask_diagonal: bo
 
 def histogram_panel(e: Evaluation, canvas: Canvas) -> str:
     title = f"{e.label}: predicted vs true class counts"  # short: the figure is only 8 inches wide
-    uri = canvas.draw(plot_prediction_histogram, e.cm.sum(1), e.cm.sum(0), e.classes, title=title)
+    uri = canvas.draw(prediction_histogram_figure, e.cm.sum(1), e.cm.sum(0), e.classes, title=title)
     return f"<h3>{esc(e.label)}</h3>" + img(uri, title)
 
 
@@ -375,7 +375,7 @@ def per_class_panel(e: Evaluation, canvas: Canvas) -> str:
     totals = e.cm.sum(1)
     accuracy = np.divide(np.diag(e.cm), totals, out=np.zeros(len(totals)), where=totals > 0)
     title = f"{e.label}: accuracy of each true class"
-    uri = canvas.draw(plot_per_class_accuracy, accuracy, e.classes, title=title,
+    uri = canvas.draw(per_class_accuracy_figure, accuracy, e.classes, title=title,
                       overall=float(e.metrics["accuracy"]), chance=1 / len(e.classes))
     worst = np.argsort(accuracy, kind="stable")[:5]
     text = ", ".join(f"{esc(e.classes[i])} {pct(accuracy[i])}" for i in worst)
@@ -408,7 +408,7 @@ def example_cells(e: Evaluation, pair: dict[str, Any]) -> str:
 
 
 def history_section(path: Path, canvas: Canvas) -> str:
-    uri = canvas.draw(plot_history, path, title=f"Training history of {path.parent.name or path.name}")
+    uri = canvas.draw(history_figure, path, title=f"Training history of {path.parent.name or path.name}")
     return section("Training curves", img(uri, f"loss and accuracy per epoch from {path}"), f"from {path}")
 
 
