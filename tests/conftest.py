@@ -11,7 +11,8 @@ import pytest
 # Fixtures defined in helper modules: the HTTP server and the report's evaluation folders.
 pytest_plugins = ["http_server", "report_fixtures"]
 
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real datasets: $CIFARLAB_SHARED_DATA if set, else ../shared/data beside the repository.
+SHARED_DATA_DIR = Path(os.environ.get("CIFARLAB_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 CIFAR10_JPEG = SHARED_DATA_DIR / "cifar10-jpeg.tar.gz"
 CIFAR100_REBUILT = SHARED_DATA_DIR / "cifar100-rebuilt.tar.gz"
 

@@ -161,3 +161,9 @@ def test_a_mistyped_option_names_the_close_ones(capsys):
         main(["evaluate", "model.safetensors", "--splitt", "test"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --splitt test (did you mean --split" in capsys.readouterr().err
+
+
+def test_counts_are_printed_with_the_right_plural():
+    from cifarlab.text import plural
+
+    assert [plural(n, "epoch") for n in (0, 1, 2, 1500)] == ["0 epochs", "1 epoch", "2 epochs", "1,500 epochs"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA_DIR
 from http_server import PAYLOAD, PAYLOAD_MD5, RangeServer, url_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,8 +25,6 @@ from PIL import Image
 from cifarlab import data
 from cifarlab.data import Dataset, download, get_split, imagefolder, load_dataset, split_indices, split_info
 from cifarlab.errors import ChecksumError, DataError, InputError
-
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # --------------------------------------------------------------------------- #
 # Fake official CIFAR archives, written the way the published files are

@@ -289,7 +289,9 @@ def run_train(args) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
         return 0
     metrics = result.model.meta["metrics"]
-    print(f"trained {metrics['epochs']} epochs in {metrics['train_seconds']:.0f}s; "
+    from cifarlab.text import plural
+
+    print(f"trained {plural(metrics['epochs'], 'epoch')} in {metrics['train_seconds']:.0f}s; "
           + (f"val accuracy {metrics['val_acc']:.1%}" if metrics.get("val_acc") is not None else "no val split"))
     print(f"model: {result.model_path}\nnext:  cifarlab evaluate {result.model_path} --split test")
     return 0

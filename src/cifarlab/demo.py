@@ -33,6 +33,7 @@ from cifarlab.diagnosis import Diagnosis, diagnose
 from cifarlab.errors import ChecksumError, CifarlabError, DataError
 from cifarlab.evaluation import evaluate
 from cifarlab.modelfile import Classifier, Preprocess
+from cifarlab.text import plural
 from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
 
 # `auto` (airbench-small on a CPU, airbench on a GPU), not the question's keras-cnn: both
@@ -93,7 +94,7 @@ def run_demo(data: str = "cifar100", out: Path = Path("demo"), time_budget: floa
     say(f"      {dataset.name}: {len(dataset.train_y):,} training + {len(dataset.test_y):,} test images, "
         f"{len(dataset.classes)} classes")
 
-    plan = f"{epochs} epochs" if epochs else f"a {time_budget:g}-minute budget"
+    plan = plural(epochs, "epoch") if epochs else f"a {time_budget:g}-minute budget"
     say(f"[2/{STEPS}] training a small model for {plan} (the model file scales and standardises "
         "the raw pixels itself)")
     trained = train(cfg, dataset=dataset, run_dir=out / "run", progress=progress)

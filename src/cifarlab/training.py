@@ -54,6 +54,7 @@ from cifarlab.modelfile import (
 )
 from cifarlab.models import get_model_spec
 from cifarlab.optim import Muon
+from cifarlab.text import plural
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 CHECKPOINT_KEY = "cifarlab-checkpoint"
@@ -584,7 +585,7 @@ class Trainer:
         if self.progress:
             fitted = (f", on {images:,} of the {len(self.train_y):,} training images (--fit-budget: "
                       "whole epochs of them fill the budget)") if images else ""
-            tqdm.write(f"planned {epochs} epochs: {epoch_s:.1f} s/epoch measured, "
+            tqdm.write(f"planned {plural(epochs, 'epoch')}: {epoch_s:.1f} s/epoch measured, "
                        f"{self.cfg.time_budget:g} min budget{fitted}")
         plan = {"epoch_seconds": round(epoch_s, 3), "fixed_seconds": round(fixed_s, 3),
                 "final_eval_seconds": round(final_eval_s, 3), "checkpoint_seconds": round(checkpoint_s, 3)}
@@ -634,7 +635,7 @@ class Trainer:
             more = 0
         epochs = 1 + more
         if self.progress and epochs != self.cfg.epochs:
-            tqdm.write(f"re-planned: {epochs} epochs instead of {self.cfg.epochs} "
+            tqdm.write(f"re-planned: {plural(epochs, 'epoch')} instead of {self.cfg.epochs} "
                        f"(the first took {first_epoch_s:.1f} s)")
         plan = {**plan, "first_epoch_seconds": round(first_epoch_s, 3), "first_plan_epochs": self.cfg.planned_epochs}
         return replace(self.cfg, epochs=epochs, plan=plan)
@@ -753,6 +754,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         batch_size = self.batch_size
+        refresh = 1 if self.device.type == "cpu" else 10
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not self.progress, leave=False, unit="batch")
         for step in bar:
@@ -770,7 +772,9 @@ class Trainer:
             seen += len(labels)
             loss_sum += loss.detach() * len(labels)
             correct += batch_correct
-            if self.progress and (step % 10 == 0 or step == self.steps_per_epoch - 1):
+            # Every step on a CPU, where an epoch may be 3-8 slow steps; every 10th on a GPU,
+            # where reading the sums back each step would stall it.
+            if self.progress and (step % refresh == 0 or step == self.steps_per_epoch - 1):
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
         if self.world_size > 1:  # the history holds all ranks' images: once an epoch, cheap
