@@ -13,14 +13,9 @@ import pytest
 import torch
 from synthetic import synthetic_dataset
 
-from cifarlab.diagnosis.probes import (
-    PROBES,
-    input_findings,
-    prediction_summary,
-    probe_findings,
-    run_probes,
-    train_mode_finding,
-)
+from cifarlab.diagnosis.input_stats import input_findings
+from cifarlab.diagnosis.probes import PROBES, prediction_summary, probe_findings, run_probes
+from cifarlab.diagnosis.train_mode import train_mode_finding
 from cifarlab.errors import InputError
 from cifarlab.formats import open_model
 from cifarlab.training import TrainConfig, train

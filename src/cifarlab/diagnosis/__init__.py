@@ -19,9 +19,11 @@ from typing import Any, cast
 import numpy as np
 
 from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
+from cifarlab.diagnosis.input_stats import input_findings
 from cifarlab.diagnosis.inputs import as_labels, load_array
-from cifarlab.diagnosis.probes import input_findings, probe_findings, run_probes, train_mode_finding
+from cifarlab.diagnosis.probes import probe_findings, run_probes
 from cifarlab.diagnosis.report import CAUSE_IDS, Diagnosis, Finding
+from cifarlab.diagnosis.train_mode import train_mode_finding
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.formats import open_model
 from cifarlab.metrics import MAX_CLASSES, as_array, softmax

@@ -5,8 +5,10 @@ doubled /255, the wrong mean/std, BGR, NCHW, CIFAR's planar rows reshaped withou
 transpose). If the model does much better on the transformed images than on the images as
 given, that mistake is the cause, and the transform is the fix. This needs no knowledge of
 how the model was trained, so it works for ONNX files and live models too; when the
-training statistics are known (`runner.train_stats`), `input_findings` adds a direct
-comparison of the inputs with them.
+training statistics are known (`runner.train_stats`), cifarlab.diagnosis.input_stats adds a
+direct comparison of the inputs with them.
+
+Adding a probe is one entry in `_ALL_PROBES` (with its precondition and fix where it has them).
 """
 
 from __future__ import annotations
@@ -72,13 +74,40 @@ def _undo_planar_reshape(x: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Seen:
+    """What a probe's precondition looks at: the images' value range, which axis holds 3
+    channels (-1, 1 or None) and the layout the model declares (None: unknown)."""
+
+    lo: float
+    hi: float
+    axis: int | None
+    layout: str | None
+
+
+@dataclass(frozen=True)
+class FixContext:
+    """What a probe's fix is written from: the model's preprocessing record, the range it
+    expects ("0..255", "0..1", "standardized"), how to bring a 0..1 image there, whether the
+    given images are 0..255 pixels, and the model's layout."""
+
+    pre: dict[str, Any]
+    target: str
+    unit_to_target: str
+    pixels: bool
+    layout: str | None
+
+
+@dataclass(frozen=True)
 class Probe:
     """One classic mistake and the transform of the user's images that undoes it.
 
     `finding`: the finding id a successful probe gives; `cause`: the title's first half,
     what was wrong; `action`: what the probe does, for "... raises accuracy from A to B";
     `mistake`: the mistake in a few words, for a finding that names two; `unit_output`: the
-    transform gives a 0..1 image, which run_probes brings to the model's own range.
+    transform gives a 0..1 image, which run_probes brings to the model's own range;
+    `applies` and `skip_reason`: when the transform can be the fix at all (skipping the others
+    saves time and removes chances of a lucky false positive); `fix`: the one line of code it
+    stands for.
     """
 
     name: str
@@ -88,6 +117,9 @@ class Probe:
     action: str = ""
     mistake: str = ""
     unit_output: bool = False
+    applies: Callable[[Seen], bool] = field(repr=False, default=lambda seen: True)
+    skip_reason: str = ""
+    fix: Callable[[FixContext], str] = field(repr=False, default=lambda context: "")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.transform(x)
@@ -102,74 +134,86 @@ _ALL_PROBES = (
     Probe("as-given", lambda x: x),
     Probe("divide-by-255", lambda x: x / 255.0, "input-scale",
           "Evaluation inputs are 255x larger than the model expects", "dividing them by 255",
-          "pixels not divided by 255"),
+          "pixels not divided by 255",
+          applies=lambda s: s.hi > 1.5, skip_reason="the values are not larger than 1",
+          fix=lambda c: "x = x / 255.0  # the model was trained on pixels in 0..1"),
     Probe("multiply-by-255", lambda x: x * 255.0, "input-scale",
           "Evaluation inputs are 255x smaller than the model expects (/255 applied twice?)",
-          "multiplying them by 255", "pixels divided by 255 twice"),
+          "multiplying them by 255", "pixels divided by 255 twice",
+          applies=lambda s: s.hi <= 1.5, skip_reason="the values exceed 1, so they are not scaled to 0..1",
+          fix=lambda c: "x = x * 255.0  # /255 was applied twice; remove the extra division"),
     Probe("scale-to-minus1-1", lambda x: x / 127.5 - 1.0, "input-scale",
           "The model expects pixels scaled to -1..1, but got 0..255", "scaling them to -1..1",
-          "pixels not scaled to -1..1"),
+          "pixels not scaled to -1..1",
+          applies=lambda s: s.lo >= 0 and s.hi > 1.5, skip_reason="the values are not 0..255 pixels",
+          fix=lambda c: "x = x / 127.5 - 1.0  # the model was trained on pixels in -1..1"),
     Probe("from-minus1-1", lambda x: (x + 1.0) / 2.0, "input-scale",
           "Evaluation inputs are scaled to -1..1, which the model was not trained on",
-          "mapping them back from -1..1", "pixels scaled to -1..1", unit_output=True),
+          "mapping them back from -1..1", "pixels scaled to -1..1", unit_output=True,
+          applies=lambda s: -1.5 <= s.lo < 0 and s.hi <= 1.5, skip_reason="the values are not in -1..1",
+          fix=lambda c: f"x = (x + 1.0) / 2.0{c.unit_to_target}  # the model expects {c.target}, not -1..1"),
     Probe("standardize-cifar", _standardize(CIFAR_MEAN, CIFAR_STD), "input-normalization",
           "The model expects standardised (mean/std-normalised) inputs, but they are not",
-          "standardising them", "inputs not standardised"),
+          "standardising them", "inputs not standardised",
+          applies=lambda s: s.lo >= 0, skip_reason="the values are already centred (negative values)",
+          fix=lambda c: _standardize_fix(c, CIFAR_MEAN, CIFAR_STD)),
     Probe("standardize-imagenet", _standardize(IMAGENET_MEAN, IMAGENET_STD), "input-normalization",
           "The model expects ImageNet-standardised inputs, but they are not", "standardising them",
-          "inputs not ImageNet-standardised"),
+          "inputs not ImageNet-standardised",
+          applies=lambda s: s.lo >= 0, skip_reason="the values are already centred (negative values)",
+          fix=lambda c: _standardize_fix(c, IMAGENET_MEAN, IMAGENET_STD)),
     Probe("unstandardize-cifar", _unstandardize(CIFAR_MEAN, CIFAR_STD), "input-normalization",
           "Evaluation inputs are mean/std-normalised, but the model was not trained that way",
           "undoing the normalisation", "a mean/std normalisation the model was not trained on",
-          unit_output=True),
+          unit_output=True,
+          applies=lambda s: s.lo < 0 and s.hi <= 10, skip_reason="the values do not look standardised",
+          fix=lambda c: f"x = x * {_fmt(CIFAR_STD)} + {_fmt(CIFAR_MEAN)}{c.unit_to_target}  "
+                        f"# undo the mean/std normalisation: the model expects {c.target}"),
     Probe("unstandardize-imagenet", _unstandardize(IMAGENET_MEAN, IMAGENET_STD), "input-normalization",
           "Evaluation inputs are ImageNet-normalised, but the model was not trained that way",
           "undoing the normalisation", "an ImageNet normalisation the model was not trained on",
-          unit_output=True),
+          unit_output=True,
+          applies=lambda s: s.lo < 0 and s.hi <= 10, skip_reason="the values do not look standardised",
+          fix=lambda c: f"x = x * {_fmt(IMAGENET_STD)} + {_fmt(IMAGENET_MEAN)}{c.unit_to_target}  "
+                        f"# undo the ImageNet normalisation: the model expects {c.target}"),
     Probe("swap-rgb-bgr", _swap_rgb_bgr, "channel-order",
           "Evaluation inputs are BGR, but the model was trained on RGB", "swapping the channels",
-          "BGR instead of RGB"),
+          "BGR instead of RGB",
+          applies=lambda s: s.axis is not None, skip_reason="no axis holds 3 channels",
+          fix=lambda c: ("x = x[..., ::-1]" if c.layout != "NCHW" else "x = x[:, ::-1]")
+                        + "  # BGR -> RGB (e.g. images read with cv2.imread)"),
     Probe("nhwc-to-nchw", lambda x: x.transpose(0, 3, 1, 2), "input-layout",
           "Evaluation inputs are NHWC (channels last), but the model takes NCHW", "transposing them",
-          "NHWC instead of NCHW"),
+          "NHWC instead of NCHW",
+          applies=lambda s: s.axis == -1 and s.layout != "NHWC",
+          skip_reason="the images are not NHWC or the model takes NHWC",
+          fix=lambda c: "x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW: the model takes channels first"),
     Probe("nchw-to-nhwc", lambda x: x.transpose(0, 2, 3, 1), "input-layout",
           "Evaluation inputs are NCHW (channels first), but the model takes NHWC", "transposing them",
-          "NCHW instead of NHWC"),
+          "NCHW instead of NHWC",
+          applies=lambda s: s.axis == 1 and s.layout != "NCHW",
+          skip_reason="the images are not NCHW or the model takes NCHW",
+          fix=lambda c: "x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC: the model takes channels last"),
     Probe("undo-planar-reshape", _undo_planar_reshape, "input-layout",
           "Evaluation images were reshaped from CIFAR's planar rows without a transpose",
-          "reshaping them correctly", "planar CIFAR rows reshaped without a transpose"),
+          "reshaping them correctly", "planar CIFAR rows reshaped without a transpose",
+          applies=lambda s: s.axis == -1 and s.layout != "NCHW", skip_reason="the images are not NHWC",
+          fix=lambda c: "x = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  "
+                        "# CIFAR rows are planar (all R, then G, then B)"),
 )
-# name -> probe. "as-given" is always first. Adding a probe is one entry above, plus its
-# precondition and fix below when it has any.
+# name -> probe. "as-given" is always first. Adding a probe is one entry above.
 PROBES: dict[str, Probe] = {probe.name: probe for probe in _ALL_PROBES}
 
 
 def _precondition(name: str, x: np.ndarray, runner: ModelRunner) -> str | None:
-    """Why a probe makes no sense for these images (None: run it).
-
-    Skipping transforms that cannot be the fix (e.g. dividing images that are already in
-    0..1 by 255) saves time and removes chances of a lucky false positive.
-    """
+    """Why a probe makes no sense for these images (None: run it): its own rule, and for
+    per-channel corrections an axis that holds 3 channels."""
     lo, hi = float(x.min()), float(x.max())
     axis, layout = channel_axis(x), runner.input_spec.get("layout")
     if axis is None and PROBES[name].finding in ("input-normalization", "channel-order"):
         return "no axis holds 3 channels"  # per-channel mean/std and RGB order need one
-    rules = {
-        "divide-by-255": (hi > 1.5, "the values are not larger than 1"),
-        "multiply-by-255": (hi <= 1.5, "the values exceed 1, so they are not scaled to 0..1"),
-        "scale-to-minus1-1": (lo >= 0 and hi > 1.5, "the values are not 0..255 pixels"),
-        "from-minus1-1": (lo < 0 and lo >= -1.5 and hi <= 1.5, "the values are not in -1..1"),
-        "standardize-cifar": (lo >= 0, "the values are already centred (negative values)"),
-        "standardize-imagenet": (lo >= 0, "the values are already centred (negative values)"),
-        "unstandardize-cifar": (lo < 0 and hi <= 10, "the values do not look standardised"),
-        "unstandardize-imagenet": (lo < 0 and hi <= 10, "the values do not look standardised"),
-        "swap-rgb-bgr": (axis is not None, "no axis holds 3 channels"),
-        "nhwc-to-nchw": (axis == -1 and layout != "NHWC", "the images are not NHWC or the model takes NHWC"),
-        "nchw-to-nhwc": (axis == 1 and layout != "NCHW", "the images are not NCHW or the model takes NCHW"),
-        "undo-planar-reshape": (axis == -1 and layout != "NCHW", "the images are not NHWC"),
-    }
-    ok, reason = rules.get(name, (True, ""))
-    return None if ok else reason
+    probe = PROBES[name]
+    return None if probe.applies(Seen(lo, hi, axis, layout)) else probe.skip_reason
 
 
 def model_range(runner: ModelRunner) -> str | None:
@@ -434,28 +478,11 @@ def probe_fix(name: str, runner: ModelRunner, floats: np.ndarray | None = None) 
     pixels = floats is not None and float(floats.max()) > 1.5
     target = model_range(runner) or "0..1"
     unit_to_target = {"0..255": " * 255.0", "standardized": " * 255.0  # then the model's mean/std"}.get(target, "")
-    fixes = {
-        "divide-by-255": "x = x / 255.0  # the model was trained on pixels in 0..1",
-        "multiply-by-255": "x = x * 255.0  # /255 was applied twice; remove the extra division",
-        "scale-to-minus1-1": "x = x / 127.5 - 1.0  # the model was trained on pixels in -1..1",
-        "from-minus1-1": f"x = (x + 1.0) / 2.0{unit_to_target}  # the model expects {target}, not -1..1",
-        "standardize-cifar": _standardize_fix(pre, CIFAR_MEAN, CIFAR_STD, pixels),
-        "standardize-imagenet": _standardize_fix(pre, IMAGENET_MEAN, IMAGENET_STD, pixels),
-        "unstandardize-cifar": f"x = x * {_fmt(CIFAR_STD)} + {_fmt(CIFAR_MEAN)}{unit_to_target}  "
-                               f"# undo the mean/std normalisation: the model expects {target}",
-        "unstandardize-imagenet": f"x = x * {_fmt(IMAGENET_STD)} + {_fmt(IMAGENET_MEAN)}{unit_to_target}  "
-                                  f"# undo the ImageNet normalisation: the model expects {target}",
-        "swap-rgb-bgr": ("x = x[..., ::-1]" if runner.input_spec.get("layout") != "NCHW" else "x = x[:, ::-1]")
-                        + "  # BGR -> RGB (e.g. images read with cv2.imread)",
-        "nhwc-to-nchw": "x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW: the model takes channels first",
-        "nchw-to-nhwc": "x = x.transpose(0, 2, 3, 1)  # NCHW -> NHWC: the model takes channels last",
-        "undo-planar-reshape": "x = rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  "
-                               "# CIFAR rows are planar (all R, then G, then B)",
-    }
-    return fixes[name]
+    return PROBES[name].fix(FixContext(pre, target, unit_to_target, pixels, runner.input_spec.get("layout")))
 
 
-def _standardize_fix(pre: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], pixels: bool) -> str:
+def _standardize_fix(context: FixContext, mean: tuple[float, ...], std: tuple[float, ...]) -> str:
+    pre, pixels = context.pre, context.pixels
     scale = "x / 255.0" if pixels else "x"
     if pre.get("applied_by") == "caller" and pre.get("kind") == "standardize":
         # The model's own constants (pixel units) beat the generic ones the probe used.
@@ -628,192 +655,3 @@ def _finding(probe: dict[str, Any], as_given: dict[str, Any], severity: str, cha
                  "these two corrections together undo the mistakes made when the evaluation inputs were "
                  "prepared; either one alone does clearly worse."))
     return Finding(finding_id, severity, title, detail, evidence, probe.get("fix") or "", score)
-
-
-# ---- inputs vs training statistics ---------------------------------------------------------
-
-def expected_input_stats(runner: ModelRunner) -> dict[str, Any] | None:
-    """Per-channel mean/std/min/max of what the model was trained on, in its input units."""
-    stats = runner.train_stats
-    if not stats:
-        return None
-    pre = runner.input_spec.get("preprocessing") or {}
-    if pre.get("applied_by") != "caller":  # the model takes raw pixels
-        return {key: np.asarray(stats[key], np.float64) for key in ("mean", "std", "min", "max")}
-    mean, std = np.asarray(pre["mean"], np.float64), np.asarray(pre["std"], np.float64)
-    return {"mean": (np.asarray(stats["mean"]) - mean) / std, "std": np.asarray(stats["std"]) / std,
-            "min": (np.asarray(stats["min"]) - mean) / std, "max": (np.asarray(stats["max"]) - mean) / std}
-
-
-def image_stats(images: np.ndarray, axis: int, max_images: int = 2000) -> dict[str, np.ndarray]:
-    sample = np.asarray(images[sample_indices(len(images), max_images)], np.float64)
-    per_channel = np.moveaxis(sample, axis, -1).reshape(-1, sample.shape[axis])
-    return {"mean": per_channel.mean(0), "std": per_channel.std(0),
-            "min": per_channel.min(0), "max": per_channel.max(0)}
-
-
-def input_findings(images: np.ndarray, runner: ModelRunner) -> list[Finding]:
-    """Compare the images with the model's stored training statistics (needs runner.train_stats).
-
-    Emits the same ids as the probes (input-layout, input-scale, input-normalization,
-    channel-order), with the statistics as evidence; the probes confirm them by re-running.
-    """
-    expected = expected_input_stats(runner)
-    images = np.asarray(images)
-    axis = channel_axis(images)
-    if expected is None or axis is None:
-        return []
-    given = image_stats(images, axis)
-    findings = [f for f in (_layout_finding(images, axis, runner), _range_finding(images, given, expected, runner))
-                if f is not None]
-    if not any(f.id in ("input-scale", "input-normalization") for f in findings):
-        channel = _channel_order_finding(given, expected, runner)
-        findings += [channel] if channel is not None else []
-    return findings
-
-
-def _stats_evidence(images: np.ndarray, given: dict[str, np.ndarray], expected: dict[str, Any]) -> dict[str, Any]:
-    rounded = lambda v: [round(float(x), 4) for x in v]  # noqa: E731
-    return {"dtype": str(images.dtype), "shape": list(images.shape),
-            "given_mean": rounded(given["mean"]), "given_std": rounded(given["std"]),
-            "given_min": float(given["min"].min()), "given_max": float(given["max"].max()),
-            "train_mean": rounded(expected["mean"]), "train_std": rounded(expected["std"]),
-            "train_min": float(np.min(expected["min"])), "train_max": float(np.max(expected["max"]))}
-
-
-def _layout_finding(images: np.ndarray, axis: int, runner: ModelRunner) -> Finding | None:
-    layout = runner.input_spec.get("layout")
-    given = "NHWC" if axis == -1 else "NCHW"
-    if layout is None or layout == given:
-        return None
-    fix = probe_fix("nchw-to-nhwc" if given == "NCHW" else "nhwc-to-nchw", runner)
-    return Finding("input-layout", "error", f"Evaluation inputs are {given} {tuple(images.shape)}, "
-                   f"but the model takes {layout}",
-                   f"The channels are on axis {1 if axis == 1 else 3} of the images; the model was "
-                   f"trained on {layout} arrays, so it cannot run them (or mixes up rows and colours).",
-                   {"given_layout": given, "model_layout": layout, "shape": list(images.shape)}, fix, 0.9)
-
-
-def _range_finding(images: np.ndarray, given: dict[str, np.ndarray], expected: dict[str, Any],
-                   runner: ModelRunner) -> Finding | None:
-    """input-scale / input-normalization from the value ranges, or None when they match."""
-    g_mean, e_mean = float(given["mean"].mean()), float(expected["mean"].mean())
-    g_std, e_std = float(given["std"].mean()), float(expected["std"].mean())
-    g_min, e_min = float(given["min"].min()), float(np.min(expected["min"]))
-    ratio = g_std / e_std if e_std > 0 else float("inf")
-    if 0.5 <= ratio <= 2 and abs(g_mean - e_mean) <= 0.5 * e_std:
-        return None
-    evidence = {**_stats_evidence(images, given, expected), "std_ratio": round(ratio, 4)}
-    units = "raw pixels 0..255" if model_range(runner) == "0..255" else model_range(runner)
-    said = (f"mean pixel is {g_mean:.4g} (std {g_std:.3g}); training mean was {e_mean:.4g} "
-            f"(std {e_std:.3g}) in the model's input units ({units})")
-    # Constant images (std 0) have no scale to compare: they fall through to the general mismatch.
-    if g_min >= 0 and e_min >= 0 and g_std > 0 and (ratio > 30 or ratio < 1 / 30):
-        larger = ratio > 1
-        factor = ratio if larger else 1 / ratio
-        probe = "divide-by-255" if larger else "multiply-by-255"
-        # A std ratio of 240-270 is the /255 mistake; say the factor the fix uses.
-        shown = "255" if 200 <= factor <= 330 else f"about {factor:.0f}"
-        why = (" They look scaled to 0..1: /255 applied twice, or by a caller when the model does it itself."
-               if not larger and g_std <= 1 else "")
-        return Finding("input-scale", "error",
-                       f"Evaluation inputs are {shown}x {'larger' if larger else 'smaller'} than the model's "
-                       "training inputs", f"The {said}.{why}", evidence, probe_fix(probe, runner, images), 0.8)
-    if g_min < 0 <= e_min:
-        title = "Evaluation inputs are mean/std-normalised (negative values), but the model was trained on " + \
-                ("raw pixels 0..255" if units == "raw pixels 0..255" else f"pixels in {units}")
-        probe = "unstandardize-imagenet" if _closer_to_imagenet(given) else "unstandardize-cifar"
-        return Finding("input-normalization", "error", title, f"The {said}.", evidence,
-                       probe_fix(probe, runner, images), 0.8)
-    if g_min >= 0 > e_min:
-        return Finding("input-normalization", "error",
-                       "The model was trained on standardised inputs (mean 0, std 1), but the evaluation "
-                       "inputs are not normalised", f"The {said}.", evidence,
-                       probe_fix("standardize-cifar", runner, images), 0.8)
-    return Finding("input-normalization", "warning",
-                   f"Evaluation inputs differ from the training inputs: std {ratio:.2g}x the training std",
-                   f"The {said}.", evidence, "", 0.3)
-
-
-def _closer_to_imagenet(given: dict[str, np.ndarray]) -> bool:
-    """Which normalisation turns the given means back into typical natural-image means."""
-    def error(mean: tuple[float, ...], std: tuple[float, ...]) -> float:
-        restored = given["mean"] * np.asarray(std) + np.asarray(mean)
-        return float(np.abs(restored - np.asarray(CIFAR_MEAN)).sum())
-    return error(IMAGENET_MEAN, IMAGENET_STD) < error(CIFAR_MEAN, CIFAR_STD)
-
-
-def _channel_order_finding(given: dict[str, np.ndarray], expected: dict[str, Any],
-                           runner: ModelRunner) -> Finding | None:
-    """Reversed channels: the per-channel mean profile matches training much better reversed."""
-    def profile(stats: dict[str, Any]) -> np.ndarray:
-        mean = np.asarray(stats["mean"], np.float64)
-        return (mean - mean.mean()) / max(float(np.mean(stats["std"])), 1e-12)
-
-    g, e = profile(given), profile(expected)
-    same, reversed_ = float(np.abs(g - e).sum()), float(np.abs(g - e[::-1]).sum())
-    distinct = float(np.abs(e - e[::-1]).sum())  # how much reversal changes the training profile
-    if distinct < 0.05 or reversed_ > 0.3 * same:
-        return None
-    evidence = {"given_mean": [round(float(v), 4) for v in given["mean"]],
-                "train_mean": [round(float(v), 4) for v in expected["mean"]],
-                "profile_distance_as_given": round(same, 4), "profile_distance_reversed": round(reversed_, 4)}
-    return Finding("channel-order", "warning",
-                   "Evaluation inputs look BGR: their per-channel means match the training means reversed",
-                   f"Per-channel means {evidence['given_mean']} vs training {evidence['train_mean']}: the "
-                   f"difference is {same:.3f} std as given but {reversed_:.3f} with the channels reversed.",
-                   evidence, probe_fix("swap-rgb-bgr", runner), 0.5)
-
-
-# ---- a model left in training mode ---------------------------------------------------------
-
-def train_mode_finding(runner: ModelRunner, images: np.ndarray, n: int = 256,
-                       batch_size: int = 64) -> Finding | None:
-    """Predict the same images twice, and once in other batches: an eval-mode model agrees.
-
-    Dropout left on changes the logits between identical calls; BatchNorm in training mode
-    normalises with each batch's statistics, so a different batch composition changes them.
-    """
-    batch = _runnable_sample(runner, np.asarray(images), n)
-    if batch is None:
-        return None
-    first = runner.logits(batch, batch_size)
-    again = runner.logits(batch, batch_size)
-    order = np.random.default_rng(0).permutation(len(batch))
-    regrouped = np.empty_like(first)
-    regrouped[order] = runner.logits(batch[order], batch_size)
-    scale = max(1.0, float(np.abs(first).max()))
-    diff_again, diff_regrouped = (float(np.abs(x - first).max()) for x in (again, regrouped))
-    if max(diff_again, diff_regrouped) <= 1e-3 * scale:  # float noise from kernel choices is far below
-        return None
-    changed = float(np.mean((again.argmax(1) != first.argmax(1)) | (regrouped.argmax(1) != first.argmax(1))))
-    evidence = {"images": len(batch), "max_logit_diff_same_batches": diff_again,
-                "max_logit_diff_other_batches": diff_regrouped, "logit_scale": scale,
-                "changed_predictions": changed}
-    cause = ("dropout is active (identical calls differ)" if diff_again > 1e-3 * scale
-             else "BatchNorm uses batch statistics (the result depends on which images share a batch)")
-    return Finding("train-mode-inference", "error",
-                   f"The model runs in training mode: predicting the same images again moves the logits "
-                   f"by up to {max(diff_again, diff_regrouped):.3g} and changes {changed:.0%} of the predictions",
-                   f"Predictions of {len(batch)} images were repeated and regrouped into other batches; "
-                   f"logits moved by up to {max(diff_again, diff_regrouped):.3g} (scale {scale:.3g}): {cause}.",
-                   evidence,
-                   "call model.eval() before predicting (PyTorch) / use model(x, training=False) or "
-                   "model.predict (Keras); re-export ONNX files from a model in eval mode", 1.0)
-
-
-def _runnable_sample(runner: ModelRunner, images: np.ndarray, n: int) -> np.ndarray | None:
-    """The first n images, transposed if that is the only way the model can run them."""
-    sample = images[:n]
-    candidates = [sample]
-    if channel_axis(sample) == 1:
-        candidates.append(sample.transpose(0, 2, 3, 1))
-    elif channel_axis(sample) == -1:
-        candidates.append(sample.transpose(0, 3, 1, 2))
-    for candidate in candidates:
-        try:
-            runner.check_input(candidate)
-            return candidate
-        except InputError:
-            continue
-    return None
