@@ -29,7 +29,7 @@ import torch
 
 from cifarlab.data import Dataset, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
-from cifarlab.runner import ModelRunner, RunnerClassifier
+from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout
 
 KERAS_HINT = "pip install 'cifarlab[keras]'"
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -262,12 +262,7 @@ def keras_input_spec(model: Any, name: str) -> dict[str, Any]:
     shape = tuple(inputs[0].shape)
     if len(shape) != 4:
         raise InputError(f"{name} takes input of shape {shape}; cifarlab needs a batch of images (rank 4)")
-    if shape[3] == 3:
-        layout, (h, w, c) = "NHWC", shape[1:]
-    elif shape[1] == 3:
-        layout, (c, h, w) = "NCHW", shape[1:]
-    else:
-        raise InputError(f"{name} takes input of shape {shape}: neither axis 1 nor axis 3 has 3 channels")
+    layout, h, w, c = image_layout(shape, f"{name} takes input of shape {shape}")
     dtype = str(getattr(inputs[0], "dtype", "float32"))
     return {"dtype": "uint8" if dtype == "uint8" else "float32", "layout": layout, "height": h, "width": w,
             "channels": c, "preprocessing": leading_preprocessing(model)}

@@ -29,7 +29,7 @@ import numpy as np
 from cifarlab.data import Dataset, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.modelfile import METADATA_KEY
-from cifarlab.runner import ModelRunner, RunnerClassifier, recorded_accuracy
+from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, recorded_accuracy
 
 ONNX_HINT = "pip install 'cifarlab[onnx]'"
 # One batch (500 images by default) of a CIFAR classifier runs in well under a second; a graph
@@ -110,15 +110,8 @@ def onnx_input_spec(session: Any, path: Path, meta: dict[str, Any] | None) -> di
                          "diagnosis needs a batch of images of rank 4 (NHWC or NCHW)")
     if onnx_type not in _ONNX_DTYPES:
         raise InputError(f"{path.name} declares input {declared}; expected uint8 or float images")
-    if shape[3] == 3:
-        layout, (h, w, c) = "NHWC", shape[1:]
-    elif shape[1] == 3:
-        layout, (c, h, w) = "NCHW", shape[1:]
-    else:
-        raise InputError(f"{path.name} declares input {declared}: neither axis 1 nor axis 3 has "
-                         "3 channels, so its layout (NHWC or NCHW) is unclear")
-    size = [d if isinstance(d, int) else None for d in (h, w)]
-    return {"dtype": _ONNX_DTYPES[onnx_type], "layout": layout, "height": size[0], "width": size[1],
+    layout, h, w, c = image_layout(shape, f"{path.name} declares input {declared}")
+    return {"dtype": _ONNX_DTYPES[onnx_type], "layout": layout, "height": h, "width": w,
             "channels": c, "preprocessing": _onnx_preprocessing(meta)}
 
 

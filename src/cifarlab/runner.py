@@ -149,6 +149,20 @@ def shape_fits(shape: tuple[int, ...], spec: dict[str, Any]) -> bool:
     return len(shape) == 4 and all(e is None or e == d for e, d in zip(expected, shape[1:]))
 
 
+def image_layout(shape: Any, what: str) -> tuple[str, int | None, int | None, Any]:
+    """(layout, height, width, channels) of a model's declared rank-4 input shape: NHWC when
+    the last axis has 3 channels, NCHW when axis 1 has; symbolic sizes become None. `what`
+    starts the error, e.g. "model.onnx declares input x: tensor(float) [N, 32, 32, 4]"."""
+    if shape[3] == 3:
+        layout, (h, w, c) = "NHWC", shape[1:]
+    elif shape[1] == 3:
+        layout, (c, h, w) = "NCHW", shape[1:]
+    else:
+        raise InputError(f"{what}: neither axis 1 nor axis 3 has 3 channels, so its layout (NHWC or NCHW) "
+                         "is unclear")
+    return layout, *(d if isinstance(d, int) else None for d in (h, w)), c
+
+
 def describe_spec(spec: dict[str, Any]) -> str:
     shape = expected_shape(spec)
     if shape is None:
