@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cifarlab import __version__
+from cifarlab.choices import AMP_MODES, BAD_IMAGE_POLICIES, CM_SCALES, OPTIMIZERS, SCHEDULES, SPLITS, TTA_MODES
 from cifarlab.errors import CifarlabError, StorageError
 
 # The train flags left unset take the chosen model's recipe, which `cifarlab models` lists.
@@ -85,7 +86,7 @@ def add_data_options(parser: argparse.ArgumentParser, default: str | None) -> No
 def add_image_options(parser: argparse.ArgumentParser) -> None:
     """How ImageFolder images that are not 32x32, or cannot be decoded, are imported."""
     parser.add_argument("--resize", action="store_true", help="resize ImageFolder images that are not 32x32")
-    parser.add_argument("--bad-images", choices=["refuse", "skip"], default="refuse",
+    parser.add_argument("--bad-images", choices=BAD_IMAGE_POLICIES, default="refuse",
                         help="ImageFolder images that cannot be decoded: refuse (stop and name the file; "
                              "default) or skip (leave them out and list them)")
 
@@ -122,11 +123,11 @@ def add_train_command(commands) -> None:
                    "airbench on a GPU; on a CPU airbench-small, or airbench-mid for more than 10 classes")
     p.add_argument("--epochs", type=int, help=f"passes over the training images ({RECIPE_DEFAULT}; 8 for airbench)")
     p.add_argument("--batch-size", type=int, help=f"images per step ({RECIPE_DEFAULT}; 2000 for airbench)")
-    p.add_argument("--optimizer", choices=["sgd", "muon", "adam"], help="muon: Muon on the conv filters, "
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="muon: Muon on the conv filters, "
                    "SGD on the rest (the airbench recipe's default)")
     p.add_argument("--lr", type=float, help=f"peak learning rate ({RECIPE_DEFAULT})")
     p.add_argument("--weight-decay", type=float, help=f"({RECIPE_DEFAULT})")
-    p.add_argument("--schedule", choices=["triangle", "linear", "onecycle", "cosine", "constant"],
+    p.add_argument("--schedule", choices=SCHEDULES,
                    help=f"learning-rate schedule over the run ({RECIPE_DEFAULT})")
     p.add_argument("--label-smoothing", type=float,
                    help=f"in [0, 1) ({RECIPE_DEFAULT}; airbench's is 0.3 for more than 10 classes)")
@@ -135,7 +136,7 @@ def add_train_command(commands) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of train (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="weights, split, shuffling and augmentation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="bf16 autocast (auto: on for CUDA and for CPUs with native bf16)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (meant for GPUs; compiling takes a while at the start)")
@@ -163,9 +164,9 @@ def add_evaluate_command(commands) -> None:
                    "(its class names)")
     add_data_options(p, None)
     p.add_argument("--preprocessing", metavar="SPEC", type=preprocessing_arg, help=PREPROCESSING_HELP)
-    p.add_argument("--split", choices=["val", "test"], default="test",
+    p.add_argument("--split", choices=SPLITS, default="test",
                    help="test: the official test set (default); val: the split the run held out")
-    p.add_argument("--tta", choices=["flip", "flip+translate"],
+    p.add_argument("--tta", choices=TTA_MODES,
                    help="test-time augmentation: average the logits over each image and its mirror "
                         "(flip), and also over 1-pixel shifts (flip+translate)")
     p.add_argument("--out", type=Path, help="output folder (default: next to the model)")
@@ -203,7 +204,7 @@ def add_diagnose_command(commands) -> None:
     p.add_argument("--images", type=Path, metavar="FILE",
                    help="the images exactly as you fed them to the model (.npy/.npz)")
     p.add_argument("--data", help="with --model and no --images: a dataset (" + DATA_HELP + ")")
-    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--max-images", type=int, default=2000, help="images per probe (default 2000)")
     p.add_argument("--resize", action="store_true",
                    help="resize --images (or --data ImageFolder images) of another size to the model's, "
@@ -225,7 +226,7 @@ def add_report_command(commands) -> None:
                    help="folders written by `cifarlab evaluate` (several are shown side by side)")
     p.add_argument("--diagnosis", type=Path, metavar="DIAG_JSON", help="the output of `cifarlab diagnose --json`")
     p.add_argument("--history", type=Path, metavar="CSV", help="a run's history.csv: draw the training curves")
-    p.add_argument("--cm-scale", choices=["linear", "log"], default="linear",
+    p.add_argument("--cm-scale", choices=CM_SCALES, default="linear",
                    help="colour scale of the confusion matrices (log shows small confusions)")
     p.add_argument("--mask-diagonal", action="store_true",
                    help="grey out the correct predictions so the colours show only the mistakes")
@@ -382,10 +383,6 @@ def run_predict(args) -> int:
 def run_diagnose(args) -> int:
     from cifarlab.diagnosis import diagnose
 
-    if args.model is None and (args.images is not None or args.data is not None):
-        raise CifarlabError("--images and --data need --model: which model was fed these images?")
-    if args.model is not None and args.predictions is not None:
-        raise CifarlabError("give either --model (cifarlab runs it) or --predictions (outputs you already have)")
     with tempfile.TemporaryDirectory(prefix="cifarlab-diagnose-") as scratch:
         # The report embeds the plots the diagnosis draws (the matrix it analysed), so draw them.
         plot_dir = args.plot or (Path(scratch) if args.report else None)

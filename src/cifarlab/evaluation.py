@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cifarlab.augment import fold_coordinates
+from cifarlab.choices import TTA_MODES
 from cifarlab.data import Dataset, check_classes, split_images
 from cifarlab.errors import CifarlabError
 from cifarlab.formats import ModelLike, open_classifier
@@ -32,8 +33,6 @@ from cifarlab.metrics import classification_report, save_confusion_json, softmax
 from cifarlab.modelfile import Classifier, validate_images
 from cifarlab.plots import plot_confusion_matrix
 from cifarlab.runner import parse_preprocessing
-
-TTA_MODES = ("flip", "flip+translate")
 
 
 def evaluate(model: ModelLike, *, data: str | Dataset | None = None,

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cifarlab import __version__
+from cifarlab.choices import CM_SCALES
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import as_count_matrix, load_confusion_json, most_confused_pairs
 from cifarlab.plots import (
@@ -41,7 +42,6 @@ from cifarlab.plots import (
 
 __all__ = ["write_report", "load_evaluation", "CM_SCALES"]
 
-CM_SCALES = ("linear", "log")
 EVALUATE_HINT = "run `cifarlab evaluate MODEL --out DIR` and pass DIR"
 # Example images are 32x32; 3x nearest-neighbour keeps the pixels crisp and the table compact.
 THUMB_SCALE = 3

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
+from cifarlab.choices import AMP_MODES, BAD_IMAGE_POLICIES, OPTIMIZERS, SCHEDULES
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
-from cifarlab.data.imagefolder import BAD_IMAGE_POLICIES
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.fileio import atomic_write
 from cifarlab.modelfile import (
@@ -148,7 +148,7 @@ class TrainConfig:
              f"--bad-images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.bad_images!r}"),
             (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.amp in ("auto", "on", "off"), f"--amp must be auto, on or off, got {self.amp!r}"),
+            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
             (self.time_budget is None or _positive(self.time_budget),
              f"--time-budget must be a positive number of minutes, got {self.time_budget}"),
             # A planned run (resumed from its checkpoint) carries both, the epochs from the plan.
@@ -283,8 +283,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-SCHEDULES = ("triangle", "linear", "onecycle", "cosine", "constant")
-OPTIMIZERS = ("sgd", "muon", "adam")
 
 
 def lr_at(progress: float, peak: float, schedule: str) -> float:

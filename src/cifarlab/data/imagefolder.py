@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from cifarlab.choices import BAD_IMAGE_POLICIES
 from cifarlab.data.archives import _Tree
 from cifarlab.data.dataset import IMAGE_SIZE, Dataset
 from cifarlab.errors import CifarlabError, DataError, ImageDecodeError
@@ -30,7 +31,6 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")  # JPEG inc
 # 4096 x 4096: far more than a 32x32 dataset needs even with --resize; a PNG or GIF declaring
 # more is a decompression bomb (Pillow's own limit, 89M pixels, is 5x higher).
 MAX_IMAGE_PIXELS = 4096 * 4096
-BAD_IMAGE_POLICIES = ("refuse", "skip")
 
 # Below this many images, starting worker processes costs more than it saves.
 _PARALLEL_MIN_IMAGES = 2000

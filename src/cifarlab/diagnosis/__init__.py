@@ -49,6 +49,10 @@ def diagnose(*, confusion: ArrayLike | None = None, predictions: ArrayLike | Non
     """
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise CifarlabError(f"max_images must be a positive number of images, got {max_images!r}")
+    if model is None and (images is not None or data is not None):
+        raise CifarlabError("--images and --data need --model: which model was fed these images?")
+    if model is not None and predictions is not None:
+        raise CifarlabError("give either --model (cifarlab runs it) or --predictions (outputs you already have)")
     if model is not None:
         diagnosis, y_pred, y_true, names = _diagnose_model(model, images, labels, data, split,
                                                            class_names, max_images, resize)
