@@ -8,3 +8,4 @@ SPLITS = ("val", "test")
 TTA_MODES = ("flip", "flip+translate")
 CM_SCALES = ("linear", "log")
 BAD_IMAGE_POLICIES = ("refuse", "skip")
+FILLS = ("reflect", "edge")  # how shifted images are padded

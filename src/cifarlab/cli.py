@@ -7,16 +7,19 @@ validation errors too), 130 interrupted. Tracebacks are shown only with --debug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import os
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import NoReturn
 
 from cifarlab import __version__
-from cifarlab.choices import AMP_MODES, BAD_IMAGE_POLICIES, CM_SCALES, OPTIMIZERS, SCHEDULES, SPLITS, TTA_MODES
+from cifarlab.choices import BAD_IMAGE_POLICIES, CM_SCALES, SPLITS, TTA_MODES
+from cifarlab.config import TrainConfig
 from cifarlab.errors import CifarlabError, StorageError
 
 # The train flags left unset take the chosen model's recipe, which `cifarlab models` lists.
@@ -116,42 +119,38 @@ def add_data_command(commands) -> None:
     p.set_defaults(run=run_data)
 
 
+def add_config_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """One option per field of a config dataclass, named after it, with the help, choices and
+    metavar its `flag` metadata gives; a field left None takes the model's recipe. Booleans
+    become --x / --no-x (True by default: just --no-x)."""
+    hints = typing.get_type_hints(config)
+    for item in dataclasses.fields(config):
+        meta = item.metadata
+        if not meta.get("cli", True):
+            continue
+        name, kind = "--" + item.name.replace("_", "-"), hints[item.name]
+        if item.default is None:
+            default = RECIPE_DEFAULT if meta.get("recipe", True) else "default: off"
+        else:
+            default = f"default: {item.default}"
+        help_text = f"{meta.get('help', '')} ({default})".strip()
+        if kind in (bool, bool | None):
+            if item.default is True:
+                parser.add_argument("--no-" + name[2:], dest=item.name, action="store_false", help=help_text)
+            elif item.default is False:
+                parser.add_argument(name, action="store_true", help=help_text)
+            else:
+                parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        scalar = next(t for t in (int, float, str) if kind in (t, t | None))
+        parser.add_argument(name, type=scalar, default=item.default, choices=meta.get("choices"),
+                            metavar=meta.get("metavar"), help=help_text)
+
+
 def add_train_command(commands) -> None:
     p = commands.add_parser("train", help="train a model; writes a run folder with model.safetensors")
     add_data_options(p, "cifar100")
-    p.add_argument("--model", default="auto", help="architecture (see `cifarlab models`); auto: "
-                   "airbench on a GPU; on a CPU airbench-small, or airbench-mid for more than 10 classes")
-    p.add_argument("--epochs", type=int, help=f"passes over the training images ({RECIPE_DEFAULT}; 8 for airbench)")
-    p.add_argument("--batch-size", type=int, help=f"images per step ({RECIPE_DEFAULT}; 2000 for airbench)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="muon: Muon on the conv filters, "
-                   "SGD on the rest (the airbench recipe's default)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate ({RECIPE_DEFAULT})")
-    p.add_argument("--weight-decay", type=float, help=f"({RECIPE_DEFAULT})")
-    p.add_argument("--schedule", choices=SCHEDULES,
-                   help=f"learning-rate schedule over the run ({RECIPE_DEFAULT})")
-    p.add_argument("--label-smoothing", type=float,
-                   help=f"in [0, 1) ({RECIPE_DEFAULT}; airbench's is 0.3 for more than 10 classes)")
-    p.add_argument("--translate", type=int, help="max random shift in pixels")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of train (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="weights, split, shuffling and augmentation (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="bf16 autocast (auto: on for CUDA and for CPUs with native bf16)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (meant for GPUs; compiling takes a while at the start)")
-    p.add_argument("--max-train-images", type=int, help="train on a class-balanced subset (quick runs)")
-    p.add_argument("--time-budget", type=float, metavar="MINUTES",
-                   help="choose the number of epochs (instead of --epochs) so that training, "
-                        "validation and a final test evaluation fit in this many minutes, "
-                        "from step times measured on this machine")
-    p.add_argument("--fit-budget", action="store_true",
-                   help="with --time-budget: fill the budget with whole epochs, at least 4, on fewer "
-                        "training images (a class-balanced subset, never more than --max-train-images) "
-                        "where all of them would leave part of an epoch's time unused or fit fewer")
-    p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="validate and save a moving average of the weights (e.g. 0.999; it "
-                        "averages over about 1/(1-DECAY) steps, so keep that well under the run's steps)")
+    add_config_flags(p, TrainConfig)
     p.add_argument("--out", type=Path, help="run folder (default runs/<data>-<model>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -300,20 +299,12 @@ def run_train(args) -> int:
 
 def _train_or_resume(args, progress: bool):
     from cifarlab.data import load_dataset
-    from cifarlab.training import TrainConfig, pick_device, resume, train
+    from cifarlab.training import pick_device, resume, train
 
     if args.resume:
         return resume(args.resume, dataset=_resume_dataset(args, progress), epochs=args.epochs, progress=progress)
-    cfg = TrainConfig(
-        data=args.data, resize=args.resize, bad_images=args.bad_images,
-        model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, label_smoothing=args.label_smoothing,
-        translate=args.translate, flip=not args.no_flip, val_fraction=args.val_fraction,
-        seed=args.seed, device=args.device, amp=args.amp, compile=args.compile,
-        max_train_images=args.max_train_images, time_budget=args.time_budget, fit_budget=args.fit_budget,
-        ema=args.ema,
-    )
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                         if hasattr(args, f.name)})
     cfg.validate()  # before a possibly long download
     pick_device(cfg.device)
     dataset = load_dataset(args.data, verify=not args.no_verify, progress=progress, resize=args.resize,

@@ -27,7 +27,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
-from cifarlab.choices import AMP_MODES, BAD_IMAGE_POLICIES, OPTIMIZERS, SCHEDULES
+from cifarlab.choices import OPTIMIZERS, SCHEDULES
+from cifarlab.config import Recipe, TrainConfig
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError
 from cifarlab.fileio import atomic_write
@@ -52,7 +53,6 @@ from cifarlab.modelfile import (
     read_safetensors,
     save_model,
 )
-from cifarlab.models import get_model_spec
 from cifarlab.optim import Muon
 from cifarlab.text import plural
 
@@ -83,170 +83,6 @@ FIT_MIN_IMAGES_PER_CLASS = 20
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a run. None means "take the model's recipe default"."""
-
-    data: str = "cifar100"
-    # How the dataset's images were imported (load_dataset's options), so that `resume`
-    # loads it the same way: resize ImageFolder images of another size, skip undecodable ones.
-    resize: bool = False
-    bad_images: str = "refuse"
-    model: str = "auto"  # see auto_model: airbench on CUDA; airbench-small, or airbench-mid for > 10 classes, on CPU
-    arch_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None  # "sgd", "muon" (Muon on conv filters, SGD on the rest) or "adam"
-    lr: float | None = None
-    momentum: float | None = None
-    filter_lr: float | None = None  # muon: peak lr of the orthogonalized conv filter updates
-    filter_momentum: float | None = None  # muon: momentum of the conv filters' updates
-    nesterov: bool | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None  # one of SCHEDULES
-    bias_lr_scale: float | None = None  # BatchNorm biases train at lr x this (weight decay / this)
-    lookahead: bool | None = None  # pull the weights towards their running average (see Lookahead)
-    label_smoothing: float | None = None
-    translate: int | None = None  # max shift in pixels
-    flip: bool = True
-    alternate_flip: bool | None = None  # mirror each image every other epoch, not at random
-    fill: str | None = None  # border fill for shifts: "reflect" or "edge"
-    val_fraction: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # bf16 autocast: "auto" (on where fast: CUDA, CPUs with native bf16), "on", "off"
-    compile: bool = False  # torch.compile the training step's model (meant for GPUs; compiles at the start)
-    max_train_images: int | None = None  # a stratified subset, for quick experiments and tests
-    time_budget: float | None = None  # minutes; the trainer plans `epochs` to fit (see plan_epochs)
-    fit_budget: bool = False  # with time_budget: fewer training images when few epochs fit (FIT_MIN_EPOCHS)
-    ema: float | None = None  # decay of the weight average used for validation and the final model
-    plan: dict[str, float] | None = None  # the measurements behind a time budget's epochs
-
-    def validate(self) -> None:
-        """Refuse bad settings before any data is loaded or time is spent."""
-        if self.model != "auto":
-            get_model_spec(self.model)
-        checks = [
-            (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr is None or _positive(self.lr), f"--lr must be a positive number, got {self.lr}"),
-            (self.weight_decay is None or (math.isfinite(self.weight_decay) and self.weight_decay >= 0),
-             f"--weight-decay must be 0 or more, got {self.weight_decay}"),
-            (self.label_smoothing is None or 0 <= self.label_smoothing < 1,
-             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
-            (self.max_train_images is None or self.max_train_images >= 1,
-             f"--max-train-images must be at least 1, got {self.max_train_images}"),
-            (self.optimizer in (None,) + OPTIMIZERS,
-             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.filter_lr is None or self.filter_lr > 0, f"filter_lr must be positive, got {self.filter_lr}"),
-            (self.schedule in (None,) + SCHEDULES,
-             f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.bias_lr_scale is None or self.bias_lr_scale > 0,
-             f"bias_lr_scale must be positive, got {self.bias_lr_scale}"),
-            (self.fill in (None, "reflect", "edge"), f"fill must be reflect or edge, got {self.fill!r}"),
-            (self.bad_images in BAD_IMAGE_POLICIES,
-             f"--bad-images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.bad_images!r}"),
-            (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
-            (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
-            (self.time_budget is None or _positive(self.time_budget),
-             f"--time-budget must be a positive number of minutes, got {self.time_budget}"),
-            # A planned run (resumed from its checkpoint) carries both, the epochs from the plan.
-            (self.epochs is None or self.time_budget is None or self.plan is not None,
-             "--epochs and --time-budget exclude each other: the budget decides the number of epochs"),
-            (not self.fit_budget or self.time_budget is not None,
-             "--fit-budget needs --time-budget: it fits the training set to the budget's minutes"),
-            (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), e.g. 0.999, got {self.ema}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise CifarlabError(message)
-
-    def resolved(self, device: torch.device, num_classes: int = 10) -> Recipe:
-        """The run as it will be trained: the model chosen and every None filled from the
-        model's recipe (with its many-class overrides for datasets of more than 10 classes,
-        e.g. CIFAR-100)."""
-        model = self.model if self.model != "auto" else auto_model(device, num_classes)
-        spec = get_model_spec(model)
-        recipe = {"momentum": 0.9, "nesterov": False, "bias_lr_scale": 1.0, "lookahead": False,
-                  "alternate_flip": False, **spec.recipe,
-                  **(spec.many_class_recipe if num_classes > 10 else {})}
-        if self.time_budget is not None:
-            recipe.pop("epochs", None)  # left None: the trainer plans it from the budget
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key, value in values.items():
-            if value is None and key in recipe:
-                values[key] = recipe[key]
-        values["model"] = model
-        missing = [name for name in _RECIPE_FIELDS if values[name] is None]
-        if missing:  # a registry entry without a complete recipe: a bug, not a user error
-            raise ValueError(f"model {model!r}'s recipe does not set {', '.join(missing)}")
-        return Recipe(**values)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A run as it is trained: `TrainConfig` (the request) with the model chosen and every
-    hyperparameter filled in from the model's recipe. The same fields, none of the recipe's
-    left None; `epochs` is None only until a time budget has been planned (`plan` then holds
-    the measurements behind it), and the muon-only filter settings are None for the others.
-    This is what the run folder's config.json, the checkpoint and the model file record."""
-
-    data: str
-    resize: bool
-    bad_images: str
-    model: str
-    arch_args: dict[str, Any]
-    epochs: int | None
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    filter_lr: float | None
-    filter_momentum: float | None
-    nesterov: bool
-    weight_decay: float
-    schedule: str
-    bias_lr_scale: float
-    lookahead: bool
-    label_smoothing: float
-    translate: int
-    flip: bool
-    alternate_flip: bool
-    fill: str
-    val_fraction: float
-    seed: int
-    device: str
-    amp: str
-    compile: bool
-    max_train_images: int | None
-    time_budget: float | None
-    fit_budget: bool
-    ema: float | None
-    plan: dict[str, float] | None
-
-    @property
-    def planned_epochs(self) -> int:
-        if self.epochs is None:
-            raise RuntimeError("the number of epochs is planned from the time budget first (Trainer.plan_schedule)")
-        return self.epochs
-
-
-# Recipe fields that resolving must fill (the others may stay None, as Recipe says).
-_RECIPE_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                  "bias_lr_scale", "lookahead", "label_smoothing", "translate", "alternate_flip", "fill")
-
-
-def auto_model(device: torch.device, num_classes: int) -> str:
-    """`--model auto`: the full airbench network on a GPU; on a CPU, airbench-small for up to
-    10 classes and airbench-mid for more (measured on CIFAR-100 in a 10-minute budget, README
-    "Results": the wider network's fewer epochs learn more per minute with 100 classes)."""
-    if device.type == "cuda":
-        return "airbench"
-    return "airbench-mid" if num_classes > 10 else "airbench-small"
-
-
-@dataclass
 class TrainResult:
     model: Classifier
     run_dir: Path
@@ -262,11 +98,6 @@ def bf16_is_fast(device: torch.device) -> bool:
         return True
     return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _positive(value: float) -> bool:
-    """A positive finite number (inf and NaN are not)."""
-    return math.isfinite(value) and value > 0
 
 
 def pick_device(name: str = "auto") -> torch.device:

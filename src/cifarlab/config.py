@@ -1,0 +1,209 @@
+"""What a training run is: the request (`TrainConfig`, every field a `cifarlab train` flag) and
+the resolved recipe (`Recipe`, what the run trains on and records). No torch here, so the CLI
+builds its flags from these fields without loading the library."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cifarlab.choices import AMP_MODES, BAD_IMAGE_POLICIES, FILLS, OPTIMIZERS, SCHEDULES
+from cifarlab.errors import CifarlabError
+
+
+def flag(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+         cli: bool = True, recipe: bool = True) -> Any:
+    """A TrainConfig field and the `cifarlab train` option made from it. `recipe`: a None
+    default means "the model's recipe value" (else it means "off" or "all")."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar, "cli": cli,
+                                            "recipe": recipe})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run, as asked for. None means "take the model's recipe default"
+    (`resolved` fills it in). Every field with a `flag` is a `cifarlab train` option of the same
+    name, with the help text and choices given here (cli.add_config_flags)."""
+
+    data: str = flag("cifar100", cli=False)  # a data option of its own (cli.add_data_options)
+    # How the dataset's images were imported (load_dataset's options), so that `resume`
+    # loads it the same way: resize ImageFolder images of another size, skip undecodable ones.
+    resize: bool = flag(False, cli=False)
+    bad_images: str = flag("refuse", cli=False)
+    model: str = flag("auto", "architecture (see `cifarlab models`); auto: airbench on a GPU; on a CPU "
+                      "airbench-small, or airbench-mid for more than 10 classes")
+    arch_args: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+    epochs: int | None = flag(None, "passes over the training images (8 for airbench)")
+    batch_size: int | None = flag(None, "images per step (2000 for airbench)")
+    optimizer: str | None = flag(None, "muon: Muon on the conv filters, SGD on the rest (airbench's)",
+                                 choices=OPTIMIZERS)
+    lr: float | None = flag(None, "peak learning rate")
+    momentum: float | None = flag(None, "SGD/Muon momentum (0.9 unless the recipe says)")
+    filter_lr: float | None = flag(None, "muon: peak lr of the orthogonalized conv filter updates")
+    filter_momentum: float | None = flag(None, "muon: momentum of the conv filters' updates")
+    nesterov: bool | None = flag(None, "Nesterov momentum")
+    weight_decay: float | None = flag(None, "weight decay, 0 or more")
+    schedule: str | None = flag(None, "learning-rate schedule over the run", choices=SCHEDULES)
+    bias_lr_scale: float | None = flag(None, "BatchNorm biases train at lr x this (weight decay / this)")
+    lookahead: bool | None = flag(None, "pull the weights towards their running average (see Lookahead)")
+    label_smoothing: float | None = flag(None, "in [0, 1) (airbench's is 0.3 for more than 10 classes)")
+    translate: int | None = flag(None, "max random shift in pixels")
+    flip: bool = flag(True, "random horizontal flips")
+    alternate_flip: bool | None = flag(None, "mirror each image every other epoch, not at random")
+    fill: str | None = flag(None, "border fill for shifts", choices=FILLS)
+    val_fraction: float = flag(0.2, "held-out share of the training images")
+    seed: int = flag(0, "weights, split, shuffling and augmentation")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = flag("auto", "bf16 autocast (auto: on for CUDA and for CPUs with native bf16)", choices=AMP_MODES)
+    compile: bool = flag(False, "torch.compile the training step (meant for GPUs; compiling takes a while at "
+                                "the start)")
+    max_train_images: int | None = flag(None, "train on a class-balanced subset (quick runs)", recipe=False)
+    time_budget: float | None = flag(None, "choose the number of epochs (instead of --epochs) so that training, "
+                                           "validation and a final test evaluation fit in this many minutes, "
+                                           "from step times measured on this machine", metavar="MINUTES",
+                                     recipe=False)
+    fit_budget: bool = flag(False, "with --time-budget: fill the budget with whole epochs, at least 4, on fewer "
+                                   "training images (a class-balanced subset, never more than "
+                                   "--max-train-images) where all of them would leave part of an epoch's time "
+                                   "unused or fit fewer")
+    ema: float | None = flag(None, "validate and save a moving average of the weights (e.g. 0.999; it averages "
+                                   "over about 1/(1-DECAY) steps, so keep that well under the run's steps)",
+                             metavar="DECAY", recipe=False)
+    plan: dict[str, float] | None = field(default=None, metadata={"cli": False})  # a time budget's measurements
+
+    def validate(self) -> None:
+        """Refuse bad settings before any data is loaded or time is spent."""
+        from cifarlab.models import get_model_spec
+
+        if self.model != "auto":
+            get_model_spec(self.model)
+        checks = [
+            (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr is None or _positive(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.weight_decay is None or (math.isfinite(self.weight_decay) and self.weight_decay >= 0),
+             f"--weight-decay must be 0 or more, got {self.weight_decay}"),
+            (self.label_smoothing is None or 0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}"),
+            (self.max_train_images is None or self.max_train_images >= 1,
+             f"--max-train-images must be at least 1, got {self.max_train_images}"),
+            (self.optimizer in (None,) + OPTIMIZERS,
+             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.filter_lr is None or self.filter_lr > 0, f"filter_lr must be positive, got {self.filter_lr}"),
+            (self.schedule in (None,) + SCHEDULES,
+             f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.bias_lr_scale is None or self.bias_lr_scale > 0,
+             f"bias_lr_scale must be positive, got {self.bias_lr_scale}"),
+            (self.fill in (None,) + FILLS, f"fill must be one of {', '.join(FILLS)}, got {self.fill!r}"),
+            (self.bad_images in BAD_IMAGE_POLICIES,
+             f"--bad-images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {self.bad_images!r}"),
+            (self.translate is None or 0 <= self.translate < 16, f"--translate must be 0..15 pixels, got {self.translate}"),
+            (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"),
+            (self.time_budget is None or _positive(self.time_budget),
+             f"--time-budget must be a positive number of minutes, got {self.time_budget}"),
+            # A planned run (resumed from its checkpoint) carries both, the epochs from the plan.
+            (self.epochs is None or self.time_budget is None or self.plan is not None,
+             "--epochs and --time-budget exclude each other: the budget decides the number of epochs"),
+            (not self.fit_budget or self.time_budget is not None,
+             "--fit-budget needs --time-budget: it fits the training set to the budget's minutes"),
+            (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), e.g. 0.999, got {self.ema}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CifarlabError(message)
+
+    def resolved(self, device: Any, num_classes: int = 10) -> Recipe:
+        """The run as it will be trained: the model chosen and every None filled from the
+        model's recipe (with its many-class overrides for datasets of more than 10 classes,
+        e.g. CIFAR-100)."""
+        from cifarlab.models import get_model_spec  # the registry builds torch modules
+
+        model = self.model if self.model != "auto" else auto_model(device, num_classes)
+        spec = get_model_spec(model)
+        recipe = {"momentum": 0.9, "nesterov": False, "bias_lr_scale": 1.0, "lookahead": False,
+                  "alternate_flip": False, **spec.recipe,
+                  **(spec.many_class_recipe if num_classes > 10 else {})}
+        if self.time_budget is not None:
+            recipe.pop("epochs", None)  # left None: the trainer plans it from the budget
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in values.items():
+            if value is None and key in recipe:
+                values[key] = recipe[key]
+        values["model"] = model
+        missing = [name for name in _RECIPE_FIELDS if values[name] is None]
+        if missing:  # a registry entry without a complete recipe: a bug, not a user error
+            raise ValueError(f"model {model!r}'s recipe does not set {', '.join(missing)}")
+        return Recipe(**values)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A run as it is trained: `TrainConfig` (the request) with the model chosen and every
+    hyperparameter filled in from the model's recipe. The same fields, none of the recipe's
+    left None; `epochs` is None only until a time budget has been planned (`plan` then holds
+    the measurements behind it), and the muon-only filter settings are None for the others.
+    This is what the run folder's config.json, the checkpoint and the model file record."""
+
+    data: str
+    resize: bool
+    bad_images: str
+    model: str
+    arch_args: dict[str, Any]
+    epochs: int | None
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    filter_lr: float | None
+    filter_momentum: float | None
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    bias_lr_scale: float
+    lookahead: bool
+    label_smoothing: float
+    translate: int
+    flip: bool
+    alternate_flip: bool
+    fill: str
+    val_fraction: float
+    seed: int
+    device: str
+    amp: str
+    compile: bool
+    max_train_images: int | None
+    time_budget: float | None
+    fit_budget: bool
+    ema: float | None
+    plan: dict[str, float] | None
+
+    @property
+    def planned_epochs(self) -> int:
+        if self.epochs is None:
+            raise RuntimeError("the number of epochs is planned from the time budget first (Trainer.plan_schedule)")
+        return self.epochs
+
+
+# Recipe fields that resolving must fill (the others may stay None, as Recipe says).
+_RECIPE_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
+                  "bias_lr_scale", "lookahead", "label_smoothing", "translate", "alternate_flip", "fill")
+
+
+def auto_model(device: Any, num_classes: int) -> str:
+    """`--model auto`: the full airbench network on a GPU; on a CPU, airbench-small for up to
+    10 classes and airbench-mid for more (measured on CIFAR-100 in a 10-minute budget, README
+    "Results": the wider network's fewer epochs learn more per minute with 100 classes)."""
+    if device.type == "cuda":
+        return "airbench"
+    return "airbench-mid" if num_classes > 10 else "airbench-small"
+
+
+
+def _positive(value: float) -> bool:
+    """A positive finite number (inf and NaN are not)."""
+    return math.isfinite(value) and value > 0
+
+
