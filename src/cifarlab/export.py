@@ -45,7 +45,7 @@ from torch import nn
 from cifarlab.data import resolve_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.fileio import chmod_default, fsync_dir, storage_error
-from cifarlab.keras import caller_preprocessing, is_keras_file, is_keras_model, keras_model, keras_runner
+from cifarlab.keras import caller_preprocessing, import_keras, is_keras_file, is_keras_model, keras_model, keras_runner
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
 from cifarlab.onnx import import_onnx_package
 from cifarlab.runner import ModelRunner, apply_preprocessing, parse_preprocessing
@@ -148,6 +148,7 @@ class SealedKeras(nn.Module):
 def seal_keras(onnx: Any, model: Any, path: Path, input: str, opset: int | None,
                preprocessing: str | None, data: Any) -> dict[str, Any]:
     """A Keras model as an ONNX file that takes raw uint8 pixels; verified against Keras."""
+    import_keras()  # tracing needs the PyTorch backend: a live model from another one is refused here
     loaded, name = keras_model(model)
     runner = keras_runner(loaded, name)
     if input != "uint8":
