@@ -124,6 +124,13 @@ def test_diagnose_names_the_forgotten_division(keras_models, tmp_path):
     assert "not recorded in the model" in result.summary["model_expects"]
 
 
+def test_diagnose_on_a_dataset_with_other_classes_is_refused(keras_models, cifar100_rebuilt):
+    from cifarlab.diagnosis import diagnose
+
+    with pytest.raises(CifarlabError, match="outputs 10 classes but the dataset has 100"):
+        diagnose(model=keras_models["models"]["scaled-outside"], data=cifar100_rebuilt)
+
+
 def test_diagnose_names_a_double_division_for_a_model_that_rescales(keras_models):
     from cifarlab.diagnosis import diagnose
 

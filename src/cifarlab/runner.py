@@ -33,7 +33,7 @@ class ModelRunner:
     """A classifier behind one call: `logits(images)` -> (N, C) floats."""
 
     name: str  # e.g. "model.safetensors (cifarlab airbench-small)" or "model.onnx"
-    kind: str  # "cifarlab" | "onnx" | "callable"
+    kind: str  # "cifarlab" | "onnx" | "keras" | "callable"
     num_classes: int | None  # None for a callable until it has been run once
     classes: list[str] | None
     # {"dtype": "uint8"|"float32"|None, "layout": "NHWC"|"NCHW"|None, "height", "width",

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from cifarlab.choices import SPLITS
 from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
 from cifarlab.diagnosis.input_stats import input_findings
 from cifarlab.diagnosis.inputs import as_labels, load_array
@@ -124,6 +125,9 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
         y = None if labels is None else as_labels(_array(labels, "labels"))[0]
     if y is not None and len(y) != len(x):
         raise InputError(f"got {len(x)} images but {len(y)} labels; they must correspond one to one")
+    if dataset_names and runner.classes is None and runner.num_classes not in (None, len(dataset_names)):
+        raise InputError(f"{runner.name} outputs {runner.num_classes} classes but the dataset has "
+                         f"{len(dataset_names)}; pass the dataset the model was trained on with --data")
     names = class_names or runner.classes or dataset_names
 
     y_pred, diagnosis, logits = None, None, None
@@ -214,8 +218,8 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str,
     dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False, resize=resize)
     if runner.kind == "cifarlab" and runner.meta is not None:
         return (*split_images(runner.meta.get("split"), dataset, split), list(dataset.classes))
-    if split not in ("val", "test"):
-        raise CifarlabError(f"--split must be val or test, got {split!r}")
+    if split not in SPLITS:
+        raise CifarlabError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     return (*get_split(dataset, split), list(dataset.classes))
 
 
