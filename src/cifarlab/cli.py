@@ -135,10 +135,11 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type) -> None:
             default = f"default: {item.default}"
         help_text = f"{meta.get('help', '')} ({default})".strip()
         if kind in (bool, bool | None):
-            if item.default is True:
-                parser.add_argument("--no-" + name[2:], dest=item.name, action="store_false", help=help_text)
+            if item.default is True:  # on unless turned off
+                parser.add_argument("--no-" + name[2:], dest=item.name, action="store_false",
+                                    help=f"no {meta.get('help', '')} (default: on)")
             elif item.default is False:
-                parser.add_argument(name, action="store_true", help=help_text)
+                parser.add_argument(name, action="store_true", help=f"{meta.get('help', '')} (default: off)")
             else:
                 parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
