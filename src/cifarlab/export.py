@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarlab.data import resolve_dataset
+from cifarlab.data import check_class_count, resolve_dataset
 from cifarlab.errors import CifarlabError
 from cifarlab.fileio import chmod_default, fsync_dir, storage_error
 from cifarlab.keras import caller_preprocessing, import_keras, is_keras_file, is_keras_model, keras_model, keras_runner
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
 from cifarlab.onnx import import_onnx_package
-from cifarlab.runner import ModelRunner, apply_preprocessing, parse_preprocessing
+from cifarlab.runner import ModelRunner, apply_preprocessing, image_size, parse_preprocessing
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Outputs must match PyTorch to this fraction of the logit scale (float32 reorderings
@@ -159,11 +159,9 @@ def seal_keras(onnx: Any, model: Any, path: Path, input: str, opset: int | None,
     stated = parse_preprocessing(preprocessing) if preprocessing is not None else None
     feed = caller_preprocessing(runner, stated, name) or parse_preprocessing("none")
     dataset = resolve_dataset(data, None, progress=False)
-    if runner.num_classes is not None and runner.num_classes != len(dataset.classes):
-        raise CifarlabError(f"{name} outputs {runner.num_classes} classes but dataset {dataset.name!r} has "
-                            f"{len(dataset.classes)}; pass the dataset the model was trained on with --data")
+    check_class_count(name, runner.num_classes, dataset)
     spec = runner.input_spec
-    size = (int(spec["height"] or dataset.train_x.shape[1]), int(spec["width"] or dataset.train_x.shape[2]))
+    size = image_size(spec, dataset.train_x)
     sealed = SealedKeras(loaded, feed["mean"], feed["std"], spec["layout"]).eval()
     meta = _sealed_metadata(runner, feed, dataset, data, size)
 

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifarlab.data import Dataset, resolve_dataset
+from cifarlab.data import Dataset, check_class_count, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
-from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout
+from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, image_size
 
 KERAS_HINT = "pip install 'cifarlab[keras]'"
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -354,18 +354,14 @@ def open_keras_classifier(model: str | Path | Any, data: str | Dataset | None,
                             "on with --data (it gives the class names, in the order of your labels)")
     feed = caller_preprocessing(runner, preprocessing, name)
     dataset = resolve_dataset(data, None, progress)
-    if runner.num_classes is not None and runner.num_classes != len(dataset.classes):
-        raise CifarlabError(f"{name} outputs {runner.num_classes} classes but dataset {dataset.name!r} has "
-                            f"{len(dataset.classes)}; pass the dataset the model was trained on with --data")
+    check_class_count(name, runner.num_classes, dataset)
     spec = runner.input_spec
     meta: dict[str, Any] = {
         "architecture": runner.name, "dataset": {"name": dataset.name}, "metrics": None,
         "classes": list(dataset.classes), "num_classes": len(dataset.classes),
         "expects": runner.expects, "preprocessing": spec["preprocessing"] or feed,
         "coarse_classes": dataset.coarse_classes, "coarse_of_fine": dataset.coarse_of_fine}
-    size = (spec["height"] or dataset.train_x.shape[1], spec["width"] or dataset.train_x.shape[2])
-    return RunnerClassifier(runner, meta, (int(size[0]), int(size[1])),
-                            None if feed is None or feed["kind"] == "none" else feed), dataset
+    return RunnerClassifier(runner, meta, image_size(spec, dataset.train_x), feed), dataset
 
 
 def caller_preprocessing(runner: ModelRunner, preprocessing: dict[str, Any] | None,

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from cifarlab.data import Dataset, resolve_dataset
+from cifarlab.data import Dataset, check_class_count, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.modelfile import METADATA_KEY
-from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, recorded_accuracy
+from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, image_size, recorded_accuracy
 
 ONNX_HINT = "pip install 'cifarlab[onnx]'"
 # One batch (500 images by default) of a CIFAR classifier runs in well under a second; a graph
@@ -197,7 +197,7 @@ def open_onnx_classifier(path: str | Path, data: str | Dataset | None,
                             "leave --preprocessing out")
     meta = {**runner.meta, "classes": runner.classes or runner.meta.get("classes")}
     feed = meta["expected_preprocessing"] if meta.get("onnx_input") == "float" else None
-    model = RunnerClassifier(runner, meta, _image_size(runner, meta, None), feed)
+    model = RunnerClassifier(runner, meta, image_size(meta.get("input") or runner.input_spec, None), feed)
     return model, resolve_dataset(data, meta.get("dataset"), progress)
 
 
@@ -223,20 +223,10 @@ def _foreign(runner: ModelRunner, path: Path, data: str | Dataset | None,
         raise CifarlabError(f"{path.name} takes raw uint8 pixels, so it preprocesses them itself; "
                             "leave --preprocessing out")
     dataset = resolve_dataset(data, None, progress)
-    if runner.num_classes is not None and runner.num_classes != len(dataset.classes):
-        raise CifarlabError(
-            f"{path.name} outputs {runner.num_classes} classes but dataset {dataset.name!r} has "
-            f"{len(dataset.classes)}; pass the dataset the model was trained on with --data.")
+    check_class_count(path.name, runner.num_classes, dataset)
     meta: dict[str, Any] = {"architecture": path.name, "dataset": {}, "metrics": None, "expects": runner.expects,
                             "classes": list(dataset.classes), "num_classes": len(dataset.classes)}
-    feed = None if raw or preprocessing is None or preprocessing["kind"] == "none" else preprocessing
-    return RunnerClassifier(runner, meta, _image_size(runner, meta, dataset), feed), dataset
+    return RunnerClassifier(runner, meta, image_size(runner.input_spec, dataset.train_x),
+                            None if raw else preprocessing), dataset
 
 
-def _image_size(runner: ModelRunner, meta: dict[str, Any], dataset: Dataset | None) -> tuple[int, int]:
-    """(H, W) from the metadata, else the graph's declared input, else the dataset's images."""
-    declared = meta.get("input") or runner.input_spec
-    h, w = declared.get("height"), declared.get("width")
-    if (h is None or w is None) and dataset is not None:
-        h, w = dataset.train_x.shape[1:3]
-    return int(h or 32), int(w or 32)

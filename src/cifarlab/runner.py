@@ -163,6 +163,14 @@ def image_layout(shape: Any, what: str) -> tuple[str, int | None, int | None, An
     return layout, *(d if isinstance(d, int) else None for d in (h, w)), c
 
 
+def image_size(spec: dict[str, Any], images: np.ndarray | None) -> tuple[int, int]:
+    """(H, W) a spec declares; a side it leaves open is taken from `images` (N, H, W, C), else 32."""
+    h, w = spec.get("height"), spec.get("width")
+    if (h is None or w is None) and images is not None:
+        h, w = images.shape[1:3]
+    return int(h or 32), int(w or 32)
+
+
 def describe_spec(spec: dict[str, Any]) -> str:
     shape = expected_shape(spec)
     if shape is None:

@@ -65,6 +65,7 @@ __all__ = [
     "split_images",
     "resolve_dataset",
     "check_classes",
+    "check_class_count",
     "download",
 ]
 
@@ -273,6 +274,13 @@ def resolve_dataset(data: str | Dataset | None, recorded: dict | None, progress:
     if not spec:
         raise CifarlabError("the model file does not say which dataset it was trained on; pass --data")
     return load_dataset(spec, progress=progress, resize=resize)
+
+
+def check_class_count(model_name: str, num_classes: int | None, dataset: Dataset) -> None:
+    """Refuse a dataset whose number of classes differs from a model's outputs (None: unknown)."""
+    if num_classes is not None and num_classes != len(dataset.classes):
+        raise CifarlabError(f"{model_name} outputs {num_classes} classes but dataset {dataset.name!r} has "
+                            f"{len(dataset.classes)}; pass the dataset the model was trained on with --data")
 
 
 def check_classes(classes: list[str], dataset: Dataset) -> None:

@@ -125,9 +125,6 @@ def _diagnose_model(model: Any, images: ArrayLike | None, labels: ArrayLike | No
         y = None if labels is None else as_labels(_array(labels, "labels"))[0]
     if y is not None and len(y) != len(x):
         raise InputError(f"got {len(x)} images but {len(y)} labels; they must correspond one to one")
-    if dataset_names and runner.classes is None and runner.num_classes not in (None, len(dataset_names)):
-        raise InputError(f"{runner.name} outputs {runner.num_classes} classes but the dataset has "
-                         f"{len(dataset_names)}; pass the dataset the model was trained on with --data")
     names = class_names or runner.classes or dataset_names
 
     y_pred, diagnosis, logits = None, None, None
@@ -209,13 +206,15 @@ def _dataset_images(runner: ModelRunner, data: Any, split: str,
                     resize: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A dataset split as raw uint8 images, and its class names; for a cifarlab model, "val" is
     its recorded split."""
-    from cifarlab.data import Dataset, get_split, load_dataset, split_images
+    from cifarlab.data import Dataset, check_class_count, get_split, load_dataset, split_images
 
     spec = data or (runner.meta or {}).get("dataset", {}).get("spec")
     if spec is None:
         raise CifarlabError("which images should the model be diagnosed on? Pass --images (what you fed it) "
                             "or --data with --split")
     dataset = spec if isinstance(spec, Dataset) else load_dataset(spec, progress=False, resize=resize)
+    if runner.classes is None:  # the dataset names the classes: their number must match the outputs
+        check_class_count(runner.name, runner.num_classes, dataset)
     if runner.kind == "cifarlab" and runner.meta is not None:
         return (*split_images(runner.meta.get("split"), dataset, split), list(dataset.classes))
     if split not in SPLITS:
