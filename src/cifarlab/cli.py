@@ -338,19 +338,19 @@ def run_evaluate(args) -> int:
     check_model_file(args.model)
     data = load_dataset(args.data, verify=not args.no_verify, progress=not args.quiet, resize=args.resize,
                         bad_images=args.bad_images) if args.data else None
-    report = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet,
+    result = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet,
                       tta=args.tta, preprocessing=args.preprocessing)
-    if report["model"].get("expects"):
-        print(f"model: {report['model']['architecture']}: {report['model']['expects']}")
-    print(format_report(report))
+    if result.model and result.model.expects:
+        print(f"model: {result.model.architecture}: {result.model.expects}")
+    print(format_report(result))
     if args.tta:
         print(f"test-time augmentation: {args.tta}")
-    print(f"\nwrote metrics.json, cm.json, confusion_matrix.png to {report['out_dir']}")
+    print(f"\nwrote metrics.json, cm.json, confusion_matrix.png to {result.out_dir}")
     if args.report:
         from cifarlab.report import write_report
 
         history = args.model.parent / "history.csv"  # the run folder of a `cifarlab train` model
-        path = write_report(args.report, evaluations=[report], history=history if history.is_file() else None)
+        path = write_report(args.report, evaluations=[result], history=history if history.is_file() else None)
         print(f"report: {path}")
     return 0
 

@@ -33,6 +33,7 @@ from cifarlab.diagnosis import Diagnosis, diagnose
 from cifarlab.errors import ChecksumError, CifarlabError, DataError
 from cifarlab.evaluation import evaluate
 from cifarlab.modelfile import Classifier, Preprocess
+from cifarlab.results import EvaluationResult
 from cifarlab.text import plural
 from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
 
@@ -210,34 +211,34 @@ def write_demo_report(out: Path, trained: TrainResult, dataset: Dataset) -> Path
                               "evaluated correctly and with the /255 forgotten")
 
 
-def make_summary(out: Path, dataset: Dataset, trained: TrainResult, correct: dict[str, Any],
-                 raw: dict[str, Any], diagnosis: Diagnosis, report: Path, seconds: float) -> dict[str, Any]:
+def make_summary(out: Path, dataset: Dataset, trained: TrainResult, correct: EvaluationResult,
+                 raw: EvaluationResult, diagnosis: Diagnosis, report: Path, seconds: float) -> dict[str, Any]:
     ranked = diagnosis.ranked()
     top = ranked[0] if ranked else None
     # The seed's vertical bars in words: which classes take the raw-pixel predictions.
     bars = next((f.title for f in ranked if f.id == "prediction-collapse"), None)
-    trained_metrics = correct["model"].get("trained_metrics") or {}
+    trained_metrics = trained.model.meta.get("metrics") or {}
     return {
         "data": dataset.name,
-        "num_test_images": int(correct["num_samples"]),
+        "num_test_images": correct.num_samples,
         "model": str(out / "run" / "model.safetensors"),
         "trained": {**{k: trained_metrics.get(k) for k in ("epochs", "train_seconds", "val_acc")},
                     "train_images": trained.model.meta["metrics"]["train_images"],
                     # Set when --fit-budget took fewer images than asked (see training.FIT_MIN_EPOCHS).
                     "fitted_to_budget": "fitted_train_images" in (trained.model.meta["recipe"]["plan"] or {})},
-        "architecture": correct["model"]["architecture"],
-        "accuracy_correct": correct["accuracy"],
-        "accuracy_raw_pixels": raw["accuracy"],
+        "architecture": trained.model.meta["architecture"],
+        "accuracy_correct": correct.accuracy,
+        "accuracy_raw_pixels": raw.accuracy,
         # CIFAR-100's 20-superclass view (None on datasets without coarse labels).
-        "coarse_accuracy_correct": (correct.get("coarse") or {}).get("accuracy"),
-        "coarse_accuracy_raw_pixels": (raw.get("coarse") or {}).get("accuracy"),
+        "coarse_accuracy_correct": correct.coarse.accuracy if correct.coarse else None,
+        "coarse_accuracy_raw_pixels": raw.coarse.accuracy if raw.coarse else None,
         "raw_pixel_predictions": bars,
         "verdict": diagnosis.verdict,
         "top_finding": None if top is None else {"id": top.id, "title": top.title, "fix": top.fix},
         "report": str(report),
         "diagnosis": str(out / "diagnosis.json"),
-        "evaluations": {label: {"dir": r["out_dir"], "cm": str(Path(r["out_dir"]) / "cm.json"),
-                                "png": str(Path(r["out_dir"]) / "confusion_matrix.png")}
+        "evaluations": {label: {"dir": str(r.out_dir), "cm": str(Path(r.out_dir or ".") / "cm.json"),
+                                "png": str(Path(r.out_dir or ".") / "confusion_matrix.png")}
                         for label, r in ((LABEL_CORRECT, correct), (LABEL_RAW, raw))},
         "seconds": round(seconds, 1),
     }

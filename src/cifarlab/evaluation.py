@@ -1,14 +1,8 @@
 """Evaluate a model on a dataset split and write the files people look at.
 
-Outputs in the evaluation folder:
-    metrics.json              accuracy, top-5, per-class precision/recall/F1, most-confused pairs
-                              (and the coarse-label view for CIFAR-100)
-    cm.json                   the confusion matrix as a list of rows (row = true, column = predicted)
-    confusion_matrix.png      the same, drawn with class names
-    coarse_confusion_matrix.png   for CIFAR-100
-    probs.npy, labels.npy     the predicted probabilities and true labels, for later diagnosis
-    confused_examples.npz     a few images of each of the most-confused pairs (save_confused_examples),
-                              for `cifarlab report`
+The result is an `EvaluationResult` (cifarlab.results), written to an evaluation folder
+(metrics.json, cm.json, probs.npy, labels.npy, confused_examples.npz) together with the
+pictures drawn here: confusion_matrix.png, and coarse_confusion_matrix.png for CIFAR-100.
 
 Test-time augmentation (`tta`) averages the logits over mirrored ("flip") and also
 1-pixel-shifted ("flip+translate") copies of each image; the model file is unchanged.
@@ -16,8 +10,8 @@ Test-time augmentation (`tta`) averages the logits over mirrored ("flip") and al
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +23,17 @@ from cifarlab.choices import TTA_MODES
 from cifarlab.data import Dataset, check_classes, split_images
 from cifarlab.errors import CifarlabError
 from cifarlab.formats import ModelLike, open_classifier
-from cifarlab.metrics import classification_report, save_confusion_json, softmax
+from cifarlab.metrics import classification_report, softmax
 from cifarlab.modelfile import Classifier, validate_images
 from cifarlab.plots import plot_confusion_matrix
+from cifarlab.results import ConfusedExamples, EvaluationResult, ModelSummary
 from cifarlab.runner import parse_preprocessing
 
 
 def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
              split: str = "test", out_dir: str | Path | None = None,
              progress: bool = True, tta: bool | str | None = None,
-             label: str | None = None, preprocessing: str | None = None) -> dict[str, Any]:
+             label: str | None = None, preprocessing: str | None = None) -> EvaluationResult:
     """Evaluate `model` on `split` ("val" or "test") of `data` and write the report files.
 
     `model`: a Classifier, a model.safetensors, an .onnx file (run with onnxruntime; see
@@ -49,7 +44,7 @@ def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
     where the model does not record it. `tta`:
     True or "flip", or "flip+translate" (see predict_logits_tta). `label` names this
     evaluation in metrics.json and the plot titles (e.g. "correct preprocessing"). Returns
-    the metrics dictionary (also metrics.json).
+    the EvaluationResult, written to `out_dir` (default: beside the model file).
     """
     tta = "flip" if tta is True else (tta or None)
     if tta is not None and tta not in TTA_MODES:
@@ -66,22 +61,15 @@ def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
     report = classification_report(probs, labels, model.classes,
                                    coarse_of_fine=meta.get("coarse_of_fine"),
                                    coarse_names=meta.get("coarse_classes"))
-    if label:
-        report["label"] = label
-    report["split"] = split
-    report["tta"] = tta
-    report["dataset"] = {"name": dataset.name, "source": dataset.source}
-    report["model"] = {"path": str(model_path) if model_path else None,
-                       "architecture": meta["architecture"],
-                       "trained_metrics": meta.get("metrics")}
-    if meta.get("expects"):  # a model from another tool: what its file says it takes
-        report["model"]["expects"] = meta["expects"]
-
+    summary = ModelSummary(str(model_path) if model_path else None, meta["architecture"],
+                           meta.get("metrics"), meta.get("expects"))
+    result = replace(EvaluationResult.from_dict(report, "the evaluation"), label=label, split=split, tta=tta,
+                     dataset_name=dataset.name, dataset_source=dataset.source, model=summary)
     out = Path(out_dir) if out_dir else default_out_dir(model_path, split)
-    write_outputs(report, probs, labels, model, out)
-    save_confused_examples(out / "confused_examples.npz", images, labels, probs, report["most_confused"])
-    report["out_dir"] = str(out)
-    return report
+    result = result.to_folder(out, probs, labels)
+    ConfusedExamples.choose(images, labels, probs, result.most_confused).save(out / "confused_examples.npz")
+    draw_confusion_matrices(result, out)
+    return result
 
 
 def predict_logits_tta(model: Classifier, images: Any, tta: str = "flip",
@@ -111,48 +99,15 @@ def default_out_dir(model_path: Path | None, split: str) -> Path:
     return model_path.parent / f"eval-{model_path.stem}-{split}"
 
 
-def write_outputs(report: dict[str, Any], probs: np.ndarray, labels: np.ndarray,
-                  model: Classifier, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    cm = np.asarray(report["confusion_matrix"])
-    save_confusion_json(cm, out / "cm.json")
-    np.save(out / "probs.npy", probs.astype(np.float32))
-    np.save(out / "labels.npy", labels.astype(np.int64))
-    where = f"{report['dataset']['name']} {report['split']} split"
-    if report.get("label"):
-        where = f"{where}, {report['label']}"
-    plot_confusion_matrix(cm, model.classes, out / "confusion_matrix.png",
-                          title=f"Confusion matrix — {where}, {model.meta['architecture']} "
-                                f"(accuracy {report['accuracy']:.1%})")
-    coarse = report.get("coarse")
-    if coarse:
-        plot_confusion_matrix(np.asarray(coarse["confusion_matrix"]), coarse["classes"],
+def draw_confusion_matrices(result: EvaluationResult, out: Path) -> None:
+    """confusion_matrix.png (and coarse_confusion_matrix.png) beside the result's files."""
+    where = f"{result.dataset_name} {result.split} split"
+    if result.label:
+        where = f"{where}, {result.label}"
+    architecture = result.model.architecture if result.model else "a model"
+    plot_confusion_matrix(result.confusion_matrix, result.classes, out / "confusion_matrix.png",
+                          title=f"Confusion matrix — {where}, {architecture} (accuracy {result.accuracy:.1%})")
+    if result.coarse is not None:
+        plot_confusion_matrix(result.coarse.confusion_matrix, result.coarse.classes,
                               out / "coarse_confusion_matrix.png",
-                              title=f"Superclass confusion — {where} "
-                                    f"(coarse accuracy {coarse['accuracy']:.1%})")
-
-
-def save_confused_examples(path: Path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                           pairs: list[dict[str, Any]], *, max_pairs: int = 5, per_pair: int = 4) -> Path:
-    """Write up to `per_pair` images of each of the first `max_pairs` most-confused pairs.
-
-    The evaluation folder keeps no images otherwise, and a report that shows *what* a
-    "cat -> dog" confusion looks like is far more telling than the count. Flat arrays, one
-    row per example: images (M, H, W, 3) uint8, true_ids, predicted_ids, indices (into the
-    evaluated split), confidence (probability of the predicted class) and pair (rank of the
-    pair in `pairs`). Within a pair the most confident mistakes come first.
-    """
-    predicted = probs.argmax(1)
-    rows: list[np.ndarray] = []
-    for rank, pair in enumerate(pairs[:max_pairs]):
-        hits = np.flatnonzero((labels == pair["true_id"]) & (predicted == pair["predicted_id"]))
-        order = np.argsort(-probs[hits, pair["predicted_id"]], kind="stable")
-        rows.append(np.stack([hits[order[:per_pair]], np.full(min(per_pair, len(hits)), rank)], 1))
-    chosen = np.concatenate(rows) if rows else np.zeros((0, 2), dtype=np.int64)
-    index, pair_rank = chosen[:, 0].astype(np.int64), chosen[:, 1].astype(np.int64)
-    np.savez_compressed(
-        path, images=np.asarray(images[index], dtype=np.uint8),
-        true_ids=labels[index].astype(np.int64), predicted_ids=predicted[index].astype(np.int64),
-        indices=index, confidence=probs[index, predicted[index]].astype(np.float32), pair=pair_rank)
-    return path
+                              title=f"Superclass confusion — {where} (coarse accuracy {result.coarse.accuracy:.1%})")

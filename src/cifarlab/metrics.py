@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -451,7 +452,7 @@ def classification_report(
     return report
 
 
-def _top_k_entry(report: dict) -> tuple[str, float] | None:
+def _top_k_entry(report: Mapping[str, Any]) -> tuple[str, float] | None:
     """The (key, value) of the top-k accuracy in a report, whatever k was."""
     for key, value in report.items():
         if key.startswith("top") and key.endswith("_accuracy"):
@@ -463,7 +464,7 @@ def _pair_line(pair: dict) -> str:
     return f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['rate']:.1%} of {pair['true']})"
 
 
-def format_report(report: dict, max_rows: int = 10) -> str:
+def format_report(report: Mapping[str, Any], max_rows: int = 10) -> str:
     """A short terminal summary of a ``classification_report`` dict (also one loaded from JSON).
 
     ``max_rows`` is the total number of table rows shown, split between the worst

@@ -31,7 +31,7 @@ from PIL import Image
 from cifarlab import __version__
 from cifarlab.choices import CM_SCALES
 from cifarlab.errors import CifarlabError
-from cifarlab.metrics import as_count_matrix, load_confusion_json, most_confused_pairs
+from cifarlab.metrics import most_confused_pairs
 from cifarlab.plots import (
     confusion_matrix_figure,
     history_figure,
@@ -39,10 +39,10 @@ from cifarlab.plots import (
     png_bytes,
     prediction_histogram_figure,
 )
+from cifarlab.results import EVALUATE_HINT, ConfusedExamples, ConfusedPair, EvaluationResult
 
 __all__ = ["write_report", "load_evaluation", "CM_SCALES"]
 
-EVALUATE_HINT = "run `cifarlab evaluate MODEL --out DIR` and pass DIR"
 # Example images are 32x32; 3x nearest-neighbour keeps the pixels crisp and the table compact.
 THUMB_SCALE = 3
 PAIRS_SHOWN = 10
@@ -50,27 +50,32 @@ PAIRS_SHOWN = 10
 
 @dataclass
 class Evaluation:
-    """One evaluation as the report needs it (from a folder or the dict `evaluate` returns)."""
+    """One evaluation as the report shows it: the result, its title, its example images."""
 
     label: str
-    metrics: dict[str, Any]
-    cm: np.ndarray
-    classes: list[str]
-    folder: Path | None
-    examples: dict[str, np.ndarray] | None  # confused_examples.npz, when the folder has one
+    result: EvaluationResult
+    examples: ConfusedExamples | None
+
+    @property
+    def cm(self) -> np.ndarray:
+        return self.result.confusion_matrix
+
+    @property
+    def classes(self) -> list[str]:
+        return self.result.classes
+
+    @property
+    def folder(self) -> Path | None:
+        return self.result.out_dir
 
     @property
     def where(self) -> str:
-        """What was measured on which split, e.g. "airbench on cifar10 test split"."""
-        model = (self.metrics.get("model") or {}).get("architecture") or "an unnamed model"
-        dataset = (self.metrics.get("dataset") or {}).get("name") or "unnamed data"
-        split = self.metrics.get("split")
-        return f"{model} on {dataset} {split} split" if split else f"{model} on {dataset}"
+        return self.result.where
 
 
 # ---- the public entry point -----------------------------------------------------------------
 
-def write_report(out: str | Path, *, evaluations: list[str | Path | dict[str, Any]],
+def write_report(out: str | Path, *, evaluations: list[str | Path | dict[str, Any] | EvaluationResult],
                  diagnosis: str | Path | dict[str, Any] | Any | None = None,
                  history: str | Path | None = None, title: str | None = None,
                  cm_scale: str = "linear", mask_diagonal: bool = False,
@@ -78,7 +83,7 @@ def write_report(out: str | Path, *, evaluations: list[str | Path | dict[str, An
     """Write a self-contained HTML report to `out` and return its path.
 
     `evaluations`: evaluation folders (or their metrics.json) written by `cifarlab evaluate`,
-    or the dicts `evaluate` returns; several are shown side by side, each titled by its
+    or the results `evaluate` returns; several are shown side by side, each titled by its
     "label" key if it has one, else by its folder's name. `diagnosis`: the document of
     `cifarlab diagnose --json` (a path or dict) or a Diagnosis. `history`: a run's
     history.csv. `cm_scale` "log" colours the confusion matrices on a log scale;
@@ -109,43 +114,18 @@ def write_report(out: str | Path, *, evaluations: list[str | Path | dict[str, An
 
 # ---- reading the inputs -----------------------------------------------------------------
 
-def load_evaluation(item: str | Path | dict[str, Any]) -> Evaluation:
-    """An evaluation folder (or its metrics.json), or the metrics dict `evaluate` returned."""
-    if isinstance(item, dict):
-        metrics, folder = item, Path(item["out_dir"]) if item.get("out_dir") else None
-        where = f"the metrics dict{f' of {folder}' if folder else ''}"
+def load_evaluation(item: str | Path | dict[str, Any] | EvaluationResult) -> Evaluation:
+    """An evaluation folder (or its metrics.json), or the result `evaluate` returned (or its dict)."""
+    if isinstance(item, EvaluationResult):
+        result = item
+    elif isinstance(item, dict):
+        of = f" of {item['out_dir']}" if item.get("out_dir") else ""
+        result = EvaluationResult.from_dict(item, f"the metrics dict{of}")
     else:
-        folder = _evaluation_folder(Path(item))
-        metrics = _read_json(folder / "metrics.json", "the metrics.json written by `cifarlab evaluate`")
-        where = str(folder / "metrics.json")
-    if not isinstance(metrics, dict):
-        raise CifarlabError(f"{where} must hold a JSON object of metrics, got {type(metrics).__name__}; "
-                            + EVALUATE_HINT)
-    missing = [key for key in ("accuracy", "per_class") if key not in metrics]
-    if missing:
-        raise CifarlabError(f"{where} lacks {', '.join(missing)}: it is not the metrics of "
-                            f"`cifarlab evaluate` (keys given: {', '.join(list(metrics)[:8])}); {EVALUATE_HINT}")
-    classes = [c["class"] for c in sorted(metrics["per_class"], key=lambda c: c["id"])]
-    cm = _confusion(metrics, folder, where, len(classes))
-    label = str(metrics.get("label") or (folder.name if folder else "evaluation"))
-    examples = _read_examples(folder / "confused_examples.npz") if folder else None
-    return Evaluation(label, metrics, cm, classes, folder, examples)
-
-
-def _evaluation_folder(path: Path) -> Path:
-    if path.is_file() and path.name == "metrics.json":
-        return path.parent
-    if not path.exists():
-        raise CifarlabError(f"evaluation folder {path} does not exist; expected a folder written by "
-                            f"`cifarlab evaluate` (metrics.json, cm.json, ...): {EVALUATE_HINT}")
-    if not path.is_dir():
-        raise CifarlabError(f"{path} is a file, not an evaluation folder; expected the folder written by "
-                            f"`cifarlab evaluate` (metrics.json, cm.json, ...): {EVALUATE_HINT}")
-    if not (path / "metrics.json").is_file():
-        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-        raise CifarlabError(f"{path} has no metrics.json (it holds: {found}); expected a folder written by "
-                            f"`cifarlab evaluate`: {EVALUATE_HINT}")
-    return path
+        result = EvaluationResult.from_folder(item)
+    folder = result.out_dir
+    examples = ConfusedExamples.load(folder / "confused_examples.npz", result.num_classes) if folder else None
+    return Evaluation(result.label or (folder.name if folder else "evaluation"), result, examples)
 
 
 def _read_json(path: Path, expected: str) -> Any:
@@ -156,32 +136,6 @@ def _read_json(path: Path, expected: str) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CifarlabError(f"{path} is not valid JSON ({exc}); expected {expected}. "
                             "Write it again with the command that made it.") from None
-
-
-def _confusion(metrics: dict[str, Any], folder: Path | None, where: str, num_classes: int) -> np.ndarray:
-    """The matrix inside metrics.json, else the folder's cm.json."""
-    if "confusion_matrix" in metrics:
-        cm = as_count_matrix(metrics["confusion_matrix"], f"the confusion matrix in {where}")
-    elif folder is not None and (folder / "cm.json").is_file():
-        cm = load_confusion_json(folder / "cm.json")
-    else:
-        raise CifarlabError(f"{where} has no confusion_matrix and there is no cm.json next to it; {EVALUATE_HINT}")
-    if cm.shape[0] != num_classes:
-        raise CifarlabError(f"{where}: the confusion matrix is {cm.shape[0]}x{cm.shape[0]} but per_class lists "
-                            f"{num_classes} classes; the files come from different evaluations. {EVALUATE_HINT}")
-    return cm
-
-
-def _read_examples(path: Path) -> dict[str, np.ndarray] | None:
-    """confused_examples.npz; None for folders written before evaluate stored examples."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
-        raise CifarlabError(f"{path} cannot be read ({exc}); expected the example images written by "
-                            "`cifarlab evaluate`. Delete it, or evaluate again.") from None
 
 
 def load_diagnosis(diagnosis: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
@@ -285,17 +239,17 @@ def headline_card(e: Evaluation) -> str:
     chance = 1 / num_classes
     predicted = int((e.cm.sum(0) > 0).sum())
     # Twice chance is no verdict (the diagnosis gives that), just a cue that this column is the odd one.
-    tone = "low" if e.metrics["accuracy"] < 2 * chance else "ok"
+    tone = "low" if e.result.accuracy < 2 * chance else "ok"
     return (f'<div class="card {tone}"><div class="label">{esc(e.label)}</div>'
-            f'<div class="big">{pct(e.metrics["accuracy"])}</div>'
+            f'<div class="big">{pct(e.result.accuracy)}</div>'
             f'<div>accuracy on {n:,} images · chance {pct(chance)}</div>'
             f'<div>{predicted} of {num_classes} classes ever predicted</div>'
             f'<div class="small">{esc(e.where)}</div></div>')
 
 
 def _top_k(e: Evaluation) -> str:
-    keys = [k for k in e.metrics if k.startswith("top") and k.endswith("_accuracy")]
-    return f"{pct(e.metrics[keys[0]])} ({keys[0][:-len('_accuracy')]})" if keys else "—"
+    r = e.result
+    return f"{pct(r.top_k_accuracy)} (top{r.top_k})" if r.top_k is not None else "—"
 
 
 def _largest_share(e: Evaluation) -> str:
@@ -304,19 +258,19 @@ def _largest_share(e: Evaluation) -> str:
 
 
 HEADLINE_ROWS: list[tuple[str, Callable[[Evaluation], str]]] = [
-    ("accuracy", lambda e: f"<b>{pct(e.metrics['accuracy'])}</b>"),
+    ("accuracy", lambda e: f"<b>{pct(e.result.accuracy)}</b>"),
     ("top-k accuracy", _top_k),
-    ("coarse (superclass) accuracy", lambda e: pct((e.metrics.get("coarse") or {}).get("accuracy"))),
-    ("macro F1", lambda e: f"{e.metrics['macro_f1']:.3f}" if "macro_f1" in e.metrics else "—"),
-    ("mean confidence", lambda e: pct(e.metrics.get("mean_confidence"))),
+    ("coarse (superclass) accuracy", lambda e: pct(e.result.coarse.accuracy if e.result.coarse else None)),
+    ("macro F1", lambda e: f"{e.result.macro_f1:.3f}"),
+    ("mean confidence", lambda e: pct(e.result.mean_confidence)),
     ("largest predicted class", _largest_share),
-    ("split", lambda e: esc(e.metrics.get("split") or "—")),
-    ("model", lambda e: esc((e.metrics.get("model") or {}).get("architecture") or "—")),
-    ("model file", lambda e: esc((e.metrics.get("model") or {}).get("path") or "—")),
-    ("dataset", lambda e: esc((e.metrics.get("dataset") or {}).get("name") or "—")),
+    ("split", lambda e: esc(e.result.split or "—")),
+    ("model", lambda e: esc((e.result.model and e.result.model.architecture) or "—")),
+    ("model file", lambda e: esc((e.result.model and e.result.model.path) or "—")),
+    ("dataset", lambda e: esc(e.result.dataset_name or "—")),
     ("images", lambda e: f"{int(e.cm.sum()):,}"),
     ("classes", lambda e: str(len(e.classes))),
-    ("test-time augmentation", lambda e: esc(e.metrics.get("tta") or "none")),
+    ("test-time augmentation", lambda e: esc(e.result.tta or "none")),
     ("evaluation folder", lambda e: esc(e.folder or "—")),
 ]
 
@@ -329,7 +283,7 @@ def evaluation_sections(evals: list[Evaluation], canvas: Canvas, cm_scale: str, 
     note = "Rows are true classes, columns predicted classes; each row is divided by its total."
     sections = [section("Confusion matrix",
                         row([confusion_panel(e, canvas, cm_scale, mask_diagonal, style) for e in evals]), note)]
-    if any(e.metrics.get("coarse") for e in evals):
+    if any(e.result.coarse for e in evals):
         sections.append(section("Superclass (coarse) confusion matrix",
                                 row([coarse_panel(e, canvas, cm_scale, mask_diagonal, style) for e in evals]), note))
     sections += [
@@ -343,7 +297,7 @@ def evaluation_sections(evals: list[Evaluation], canvas: Canvas, cm_scale: str, 
 
 
 def confusion_panel(e: Evaluation, canvas: Canvas, cm_scale: str, mask_diagonal: bool, style: str) -> str:
-    title = (f"{e.label}: {e.where}, {int(e.cm.sum()):,} images, accuracy {e.metrics['accuracy']:.1%}"
+    title = (f"{e.label}: {e.where}, {int(e.cm.sum()):,} images, accuracy {e.result.accuracy:.1%}"
              + (f" ({style})" if style else ""))
     uri = canvas.draw(confusion_matrix_figure, e.cm, e.classes, title=title,
                       log_scale=cm_scale == "log", mask_diagonal=mask_diagonal)
@@ -351,16 +305,14 @@ def confusion_panel(e: Evaluation, canvas: Canvas, cm_scale: str, mask_diagonal:
 
 
 def coarse_panel(e: Evaluation, canvas: Canvas, cm_scale: str, mask_diagonal: bool, style: str) -> str:
-    coarse = e.metrics.get("coarse")
-    if not coarse:
+    coarse = e.result.coarse
+    if coarse is None:
         return f"<h3>{esc(e.label)}</h3><p class='note'>no superclass labels in this evaluation</p>"
-    cm = as_count_matrix(coarse["confusion_matrix"], "the coarse confusion matrix")
-    title = (f"{e.label}: superclasses, {e.where}, coarse accuracy {coarse['accuracy']:.1%}"
+    title = (f"{e.label}: superclasses, {e.where}, coarse accuracy {coarse.accuracy:.1%}"
              + (f" ({style})" if style else ""))
-    uri = canvas.draw(confusion_matrix_figure, cm, list(coarse["classes"]), title=title,
+    uri = canvas.draw(confusion_matrix_figure, coarse.confusion_matrix, coarse.classes, title=title,
                       log_scale=cm_scale == "log", mask_diagonal=mask_diagonal)
-    pairs = ", ".join(f"{esc(p['true'])} → {esc(p['predicted'])} ({p['count']:,})"
-                      for p in (coarse.get("most_confused") or [])[:3])
+    pairs = ", ".join(f"{esc(p.true)} → {esc(p.predicted)} ({p.count:,})" for p in coarse.most_confused[:3])
     return (f"<h3>{esc(e.label)}</h3>" + img(uri, f"coarse confusion matrix: {title}")
             + f"<p class='note'>most confused: {pairs or 'none'}</p>")
 
@@ -376,17 +328,17 @@ def per_class_panel(e: Evaluation, canvas: Canvas) -> str:
     accuracy = np.divide(np.diag(e.cm), totals, out=np.zeros(len(totals)), where=totals > 0)
     title = f"{e.label}: accuracy of each true class"
     uri = canvas.draw(per_class_accuracy_figure, accuracy, e.classes, title=title,
-                      overall=float(e.metrics["accuracy"]), chance=1 / len(e.classes))
+                      overall=e.result.accuracy, chance=1 / len(e.classes))
     worst = np.argsort(accuracy, kind="stable")[:5]
     text = ", ".join(f"{esc(e.classes[i])} {pct(accuracy[i])}" for i in worst)
     return f"<h3>{esc(e.label)}</h3>" + img(uri, title) + f"<p class='note'>lowest: {text}</p>"
 
 
 def pairs_panel(e: Evaluation) -> str:
-    pairs = e.metrics.get("most_confused") or most_confused_pairs(e.cm, e.classes, k=PAIRS_SHOWN)
+    pairs = e.result.most_confused or [ConfusedPair(**d) for d in most_confused_pairs(e.cm, e.classes, k=PAIRS_SHOWN)]
     if not pairs:
         return f"<h3>{esc(e.label)}</h3><p class='note'>no mistakes: every image was classified correctly</p>"
-    rows = [[esc(p["true"]), esc(p["predicted"]), f"{p['count']:,}", pct(p["rate"]), example_cells(e, p)]
+    rows = [[esc(p.true), esc(p.predicted), f"{p.count:,}", pct(p.rate), example_cells(e, p)]
             for p in pairs[:PAIRS_SHOWN]]
     note = "" if e.examples is not None else (
         "<p class='note'>No example images: this folder has no confused_examples.npz "
@@ -395,15 +347,15 @@ def pairs_panel(e: Evaluation) -> str:
             + table(["true", "predicted as", "images", "of the true class", "examples"], rows, "pairs") + note)
 
 
-def example_cells(e: Evaluation, pair: dict[str, Any]) -> str:
+def example_cells(e: Evaluation, pair: ConfusedPair) -> str:
     if e.examples is None:
         return ""
     ex = e.examples
-    chosen = np.flatnonzero((ex["true_ids"] == pair["true_id"]) & (ex["predicted_ids"] == pair["predicted_id"]))
+    chosen = np.flatnonzero((ex.true_ids == pair.true_id) & (ex.predicted_ids == pair.predicted_id))
     return "".join(
-        img(thumbnail_uri(ex["images"][i]),
-            f"image #{int(ex['indices'][i])}: a {pair['true']} predicted as {pair['predicted']} "
-            f"with confidence {float(ex['confidence'][i]):.0%}", "thumb")
+        img(thumbnail_uri(ex.images[i]),
+            f"image #{int(ex.indices[i])}: a {pair.true} predicted as {pair.predicted} "
+            f"with confidence {float(ex.confidence[i]):.0%}", "thumb")
         for i in chosen)
 
 

@@ -1,0 +1,96 @@
+"""Reading the JSON documents that files bring in: each field's type and range checked once.
+
+A record's `from_dict` reads its document through `Fields`, so an edited, damaged or foreign
+file fails where it enters, with the file and the field named, and nothing downstream
+checks again. Numbers must be finite; booleans are not numbers; strings and lists are
+bounded so that a hostile document cannot make the reader's work grow without limit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NoReturn
+
+from cifarlab.errors import InputError
+
+MAX_STRING = 10_000  # characters in one name or label
+MAX_ITEMS = 1_000_000  # entries in one list (a 1,000-class matrix's rows, per-class rows, ...)
+
+
+def describe(value: Any, limit: int = 40) -> str:
+    """A short, printable account of a value for an error message."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+class Fields:
+    """One JSON object read field by field; errors name `where` and the field."""
+
+    def __init__(self, data: Any, where: str, hint: str = "", error: type[Exception] = InputError):
+        self.where, self.hint, self.error = where, hint, error
+        if not isinstance(data, dict):
+            self.fail(f"{where} must hold a JSON object, got {describe(data)}")
+        self.data: dict[str, Any] = data
+
+    def fail(self, message: str) -> NoReturn:
+        raise self.error(f"{message}{'; ' + self.hint if self.hint else ''}")
+
+    def require(self, *keys: str) -> None:
+        """Every key present; the message lists all the missing ones at once."""
+        missing = [key for key in keys if key not in self.data]
+        if missing:
+            given = ", ".join(list(self.data)[:8]) or "none"
+            self.fail(f"{self.where} lacks {', '.join(missing)} (keys given: {given})")
+
+    def _bad(self, key: str, expected: str) -> NoReturn:
+        self.fail(f"{self.where}: {key!r} must be {expected}, got {describe(self.data.get(key))}")
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def string(self, key: str) -> str:
+        value = self.data.get(key)
+        if not isinstance(value, str) or len(value) > MAX_STRING:
+            self._bad(key, f"a string of at most {MAX_STRING:,} characters")
+        return value
+
+    def optional_string(self, key: str) -> str | None:
+        return self.string(key) if self.has(key) else None
+
+    def number(self, key: str, low: float = -math.inf, high: float = math.inf) -> float:
+        value = self.data.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            self._bad(key, f"a number in [{low:g}, {high:g}]")
+        return float(value)
+
+    def integer(self, key: str, low: int = 0, high: int = 2**63 - 1) -> int:
+        value = self.data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self._bad(key, f"an integer in [{low:,}, {high:,}]")
+        return value
+
+    def strings(self, key: str) -> list[str]:
+        value = self.data.get(key)
+        if not isinstance(value, list) or len(value) > MAX_ITEMS \
+                or not all(isinstance(v, str) and len(v) <= MAX_STRING for v in value):
+            self._bad(key, "a list of strings")
+        return list(value)
+
+    def objects(self, key: str) -> list[Fields]:
+        """A list of JSON objects, each read as Fields named by its position."""
+        value = self.data.get(key)
+        if not isinstance(value, list) or len(value) > MAX_ITEMS:
+            self._bad(key, f"a list of at most {MAX_ITEMS:,} objects")
+        return [Fields(item, f"{self.where}: {key}[{i}]", self.hint, self.error) for i, item in enumerate(value)]
+
+    def object(self, key: str) -> Fields:
+        return Fields(self.data.get(key), f"{self.where}: {key!r}", self.hint, self.error)
+
+    def optional_object(self, key: str) -> Fields | None:
+        return self.object(key) if self.has(key) else None
+
+    def optional_dict(self, key: str) -> dict[str, Any] | None:
+        """A JSON object carried through as it is (shown, never computed with)."""
+        return self.object(key).data if self.has(key) else None
