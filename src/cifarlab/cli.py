@@ -15,12 +15,12 @@ import sys
 import tempfile
 import typing
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cifarlab import __version__
 from cifarlab.choices import BAD_IMAGE_POLICIES, CM_SCALES, SPLITS, TTA_MODES
 from cifarlab.config import TrainConfig
-from cifarlab.errors import CifarlabError, StorageError
+from cifarlab.errors import CifarlabError, StorageError, TrainingInterrupted
 
 # The train flags left unset take the chosen model's recipe, which `cifarlab models` lists.
 RECIPE_DEFAULT = "default: the model's recipe, see `cifarlab models`"
@@ -154,6 +154,9 @@ def add_train_command(commands) -> None:
     add_config_flags(p, TrainConfig)
     p.add_argument("--out", type=Path, help="run folder (default runs/<data>-<model>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its model, checkpoint, history and eval-* folders); "
+                        "without it a folder holding a run is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_train)
 
@@ -169,7 +172,10 @@ def add_evaluate_command(commands) -> None:
     p.add_argument("--tta", choices=TTA_MODES,
                    help="test-time augmentation: average the logits over each image and its mirror "
                         "(flip), and also over 1-pixel shifts (flip+translate)")
-    p.add_argument("--out", type=Path, help="output folder (default: next to the model)")
+    p.add_argument("--out", type=Path, help="output folder (default: next to the model, named by the model file, "
+                                            "split and TTA: eval-model-test)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another evaluation in --out (the same evaluation run again is replaced anyway)")
     p.add_argument("--report", type=Path, metavar="HTML",
                    help="also write a self-contained HTML report (with the run's history.csv if it "
                         "sits next to the model)")
@@ -310,7 +316,7 @@ def _train_or_resume(args, progress: bool):
     pick_device(cfg.device)
     dataset = load_dataset(args.data, verify=not args.no_verify, progress=progress, resize=args.resize,
                            bad_images=args.bad_images)
-    return train(cfg, dataset=dataset, run_dir=args.out, progress=progress)
+    return train(cfg, dataset=dataset, run_dir=args.out, progress=progress, overwrite=args.overwrite)
 
 
 def _resume_dataset(args, progress: bool):
@@ -339,7 +345,7 @@ def run_evaluate(args) -> int:
     data = load_dataset(args.data, verify=not args.no_verify, progress=not args.quiet, resize=args.resize,
                         bad_images=args.bad_images) if args.data else None
     result = evaluate(args.model, data=data, split=args.split, out_dir=args.out, progress=not args.quiet,
-                      tta=args.tta, preprocessing=args.preprocessing)
+                      tta=args.tta, preprocessing=args.preprocessing, overwrite=args.overwrite)
     if result.model and result.model.expects:
         print(f"model: {result.model.architecture}: {result.model.expects}")
     print(format_report(result))
@@ -425,7 +431,47 @@ def run_models(args) -> int:
     return 0
 
 
+class ReaderMayLeave:
+    """sys.stdout while a command runs: when its reader leaves (`cifarlab diagnose ... | head`),
+    the rest of the output goes to /dev/null and the command ends with its own exit status,
+    not an error about the pipe."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._discard_the_rest()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._discard_the_rest()
+
+    def _discard_the_rest(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout = sys.stdout
+    sys.stdout = ReaderMayLeave(stdout)
+    try:
+        return run_command(argv)
+    finally:
+        sys.stdout.flush()  # here, where a reader that left is handled, not at exit
+        sys.stdout = stdout
+
+
+def run_command(argv: list[str] | None) -> int:
     # Keras files run on Keras 3's PyTorch backend; this process is cifarlab's, so a
     # KERAS_BACKEND=tensorflow meant for the user's own scripts does not apply here.
     os.environ["KERAS_BACKEND"] = "torch"
@@ -448,9 +494,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"cifarlab: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"\ncifarlab: interrupted; {exc.hint()}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        hint = " (continue with `cifarlab train --resume` and the run folder printed above)" if args.command == "train" else ""
-        print(f"\ncifarlab: interrupted{hint}", file=sys.stderr)
+        print("\ncifarlab: interrupted", file=sys.stderr)
         return 130
 
 

@@ -98,7 +98,8 @@ def run_demo(data: str = "cifar100", out: Path = Path("demo"), time_budget: floa
     plan = plural(epochs, "epoch") if epochs else f"a {time_budget:g}-minute budget"
     say(f"[2/{STEPS}] training a small model for {plan} (the model file scales and standardises "
         "the raw pixels itself)")
-    trained = train(cfg, dataset=dataset, run_dir=out / "run", progress=progress)
+    trained = train(cfg, dataset=dataset, run_dir=out / "run", progress=progress,
+                    overwrite=True)  # check_out_dir: an earlier demo's folder
 
     say(f"[3/{STEPS}] evaluating on the test split: correctly, then as the seed's script did "
         "(the model in its Keras form, which takes pixels / 255, fed raw 0..255 pixels)")

@@ -48,3 +48,18 @@ class StorageError(CifarlabError):
     def __init__(self, message: str, path: object = None):
         super().__init__(message)
         self.path = path
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with the run folder, so the message can give the exact
+    `--resume` command (or say that no epoch has ended yet, so there is nothing to resume)."""
+
+    def __init__(self, run_dir: object, has_checkpoint: bool):
+        super().__init__(str(run_dir))
+        self.run_dir, self.has_checkpoint = run_dir, has_checkpoint
+
+    def hint(self) -> str:
+        if self.has_checkpoint:
+            return f"continue with: cifarlab train --resume {self.run_dir}"
+        return (f"no epoch had ended, so {self.run_dir} holds no checkpoint to resume; start again "
+                "with `cifarlab train` (and --overwrite for the same --out)")

@@ -26,14 +26,15 @@ from cifarlab.formats import ModelLike, open_classifier
 from cifarlab.metrics import classification_report, softmax
 from cifarlab.modelfile import Classifier, validate_images
 from cifarlab.plots import plot_confusion_matrix
-from cifarlab.results import ConfusedExamples, EvaluationResult, ModelSummary
+from cifarlab.results import ConfusedExamples, EvaluationResult, ModelSummary, claim_folder
 from cifarlab.runner import parse_preprocessing
 
 
 def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
              split: str = "test", out_dir: str | Path | None = None,
              progress: bool = True, tta: bool | str | None = None,
-             label: str | None = None, preprocessing: str | None = None) -> EvaluationResult:
+             label: str | None = None, preprocessing: str | None = None,
+             overwrite: bool = False) -> EvaluationResult:
     """Evaluate `model` on `split` ("val" or "test") of `data` and write the report files.
 
     `model`: a Classifier, a model.safetensors, an .onnx file (run with onnxruntime; see
@@ -44,7 +45,8 @@ def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
     where the model does not record it. `tta`:
     True or "flip", or "flip+translate" (see predict_logits_tta). `label` names this
     evaluation in metrics.json and the plot titles (e.g. "correct preprocessing"). Returns
-    the EvaluationResult, written to `out_dir` (default: beside the model file).
+    the EvaluationResult, written to `out_dir` (default: beside the model file, see
+    default_out_dir); a folder holding another evaluation is refused unless `overwrite`.
     """
     tta = "flip" if tta is True else (tta or None)
     if tta is not None and tta not in TTA_MODES:
@@ -65,7 +67,8 @@ def evaluate(model: ModelLike, *, data: str | Dataset | None = None,
                            meta.get("metrics"), meta.get("expects"))
     result = replace(EvaluationResult.from_dict(report, "the evaluation"), label=label, split=split, tta=tta,
                      dataset_name=dataset.name, dataset_source=dataset.source, model=summary)
-    out = Path(out_dir) if out_dir else default_out_dir(model_path, split)
+    out = Path(out_dir) if out_dir else default_out_dir(model_path, split, tta)
+    claim_folder(out, result, overwrite)
     result = result.to_folder(out, probs, labels)
     ConfusedExamples.choose(images, labels, probs, result.most_confused).save(out / "confused_examples.npz")
     draw_confusion_matrices(result, out)
@@ -93,10 +96,15 @@ def tta_views(images: torch.Tensor, tta: str) -> Iterator[torch.Tensor]:
         yield view.flip(2)
 
 
-def default_out_dir(model_path: Path | None, split: str) -> Path:
-    if model_path is None:
-        return Path(f"eval-{split}")
-    return model_path.parent / f"eval-{model_path.stem}-{split}"
+def default_out_dir(model_path: Path | None, split: str, tta: str | None = None) -> Path:
+    """eval-model-test beside model.safetensors; the format and the TTA named too where they
+    differ (eval-model-onnx-test, eval-model-test-tta-flip), so that two evaluations of one
+    run never share a folder."""
+    name = "eval" if model_path is None else f"eval-{model_path.stem}"
+    if model_path is not None and model_path.suffix not in ("", ".safetensors"):
+        name += f"-{model_path.suffix[1:]}"
+    name += f"-{split}" + (f"-tta-{tta}" if tta else "")
+    return (model_path.parent if model_path is not None else Path()) / name
 
 
 def draw_confusion_matrices(result: EvaluationResult, out: Path) -> None:

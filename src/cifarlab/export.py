@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from cifarlab.data import check_class_count, resolve_dataset
-from cifarlab.errors import CifarlabError
-from cifarlab.fileio import chmod_default, fsync_dir, storage_error
+from cifarlab.errors import CifarlabError, InputError
+from cifarlab.fileio import chmod_default, fsync_dir, remove_stale_temps, storage_error
 from cifarlab.keras import caller_preprocessing, import_keras, is_keras_file, is_keras_model, keras_model, keras_runner
 from cifarlab.modelfile import METADATA_KEY, Classifier, load_model
 from cifarlab.onnx import import_onnx_package
@@ -78,6 +78,7 @@ def export_onnx(model: Any, path: str | Path, *, input: str = "uint8", opset: in
     dropout masks, batch statistics). It exists only so tests can reproduce the "model left in
     training mode" bug; such a graph is not checked against PyTorch (its outputs are random).
     """
+    check_onnx_path(Path(path))
     onnx = import_onnx_package("onnx")
     if input not in ("uint8", "float"):
         raise CifarlabError(f"input must be 'uint8' or 'float', got {input!r}")
@@ -103,10 +104,21 @@ def export_onnx(model: Any, path: str | Path, *, input: str = "uint8", opset: in
             "reference": "PyTorch"}
 
 
+def check_onnx_path(path: Path) -> None:
+    """An .onnx name in a folder that exists: a typo in either is caught before the export."""
+    if path.suffix.lower() != ".onnx":
+        raise InputError(f"--onnx {path}: an ONNX file's name ends in .onnx, this one in "
+                         f"{path.suffix or 'nothing'}; e.g. --onnx {path.with_suffix('.onnx')}")
+    if not path.parent.is_dir():
+        raise InputError(f"--onnx {path}: the folder {path.parent} does not exist; create it first "
+                         f"(mkdir -p {path.parent}) or write the file elsewhere")
+
+
 def _write_verified(path: Path, write: Any) -> Any:
     """Run `write(tmp)` on a temporary file beside `path`; only if it returns, the file takes
-    the final name (fsynced first, so a crash cannot leave a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    the final name (fsynced first, so a crash cannot leave a torn file). Temporary files that
+    an earlier, killed export left beside it are removed first (fileio.remove_stale_temps)."""
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

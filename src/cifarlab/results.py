@@ -172,6 +172,13 @@ class EvaluationResult(Mapping[str, Any]):
         dataset = self.dataset_name or "unnamed data"
         return f"{model} on {dataset} {self.split} split" if self.split else f"{model} on {dataset}"
 
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """What was evaluated, on what, how: two results with the same identity are one
+        evaluation run twice."""
+        model = (self.model.path, self.model.architecture) if self.model else None
+        return model, self.dataset_name, self.split, self.tta, self.label
+
     # ---- metrics.json ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_samples": self.num_samples, "num_classes": self.num_classes,
@@ -284,6 +291,24 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def claim_folder(out: Path, result: EvaluationResult, overwrite: bool) -> None:
+    """Refuse to write `result` into a folder that holds another evaluation (another model,
+    split, test-time augmentation, dataset or label), unless `overwrite`: one folder, one
+    result. The same evaluation run again replaces its files."""
+    metrics = out / "metrics.json"
+    if overwrite or not metrics.is_file():
+        return
+    try:
+        old: EvaluationResult | None = EvaluationResult.from_folder(out)
+    except InputError:  # damaged: it cannot be shown to be this evaluation
+        old = None
+    if old is not None and old.identity == result.identity:
+        return
+    held = f"the evaluation of {old.where}" if old else "an evaluation that cannot be read"
+    raise InputError(f"{out} holds {held}; this one is of {result.where}. Pass another --out, or "
+                     "--overwrite to replace it")
 
 
 def _evaluation_folder(path: Path) -> Path:

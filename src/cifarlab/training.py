@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from cifarlab.augment import alternating_mirror, random_translate_flip
 from cifarlab.choices import OPTIMIZERS, SCHEDULES
 from cifarlab.config import Recipe, TrainConfig
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
-from cifarlab.errors import CifarlabError, ModelFileError
+from cifarlab.errors import CifarlabError, InputError, ModelFileError, TrainingInterrupted
 from cifarlab.fileio import atomic_write
 from cifarlab.modelfile import (
     Classifier,
@@ -517,6 +518,13 @@ class Trainer:
         if self.progress:
             tqdm.write(f"run folder: {self.run_dir}  ({self.cfg.model} on {self.device}, "
                        f"{len(self.train_y):,} training images, {len(self.val_y):,} validation)")
+        try:
+            return self._fit_epochs()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self.run_dir, (self.run_dir / "checkpoint.safetensors").is_file()) from None
+
+    def _fit_epochs(self) -> TrainResult:
+        main = distributed.is_main()
         epoch = len(self.history)
         while epoch < self.cfg.planned_epochs:
             epoch += 1
@@ -747,9 +755,35 @@ def load_run_dataset(cfg: TrainConfig, progress: bool = True) -> Dataset:
     return load_dataset(cfg.data, progress=progress, resize=cfg.resize, bad_images=cfg.bad_images)
 
 
+# A folder holding any of these holds a run.
+RUN_FILES = ("config.json", "history.csv", "checkpoint.safetensors", "model.safetensors")
+
+
+def claim_run_folder(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds a run, unless `overwrite`: then the old run's
+    files go first, with the evaluation folders made from its model (eval-*), so that nothing
+    of it is left beside the new model. Nothing else in the folder is touched."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise InputError(f"{run_dir} holds a run already ({', '.join(found)}): continue it with "
+                         f"`cifarlab train --resume {run_dir}`, train into another folder (--out), or pass "
+                         "--overwrite to replace it (its eval-* folders go with it)")
+    # Every torchrun rank may get here: a file another rank removed first is no error.
+    for name in found:
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in run_dir.glob("eval-*"):
+        if (folder / "metrics.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def train(cfg: TrainConfig, *, dataset: Dataset | None = None, run_dir: str | Path | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train a model as configured; returns the trained Classifier and where it was written."""
+          progress: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train a model as configured; returns the trained Classifier and where it was written.
+    A `run_dir` that holds a run is refused unless `overwrite` (see claim_run_folder)."""
+    if run_dir is not None:
+        claim_run_folder(Path(run_dir), overwrite)
     dataset = dataset if dataset is not None else load_run_dataset(cfg, progress)
     try:
         return Trainer(cfg, dataset, Path(run_dir) if run_dir else None, progress).fit()
