@@ -39,6 +39,8 @@ HYP = {
     "small_epoch_s": 30.0,  # airbench-small, one epoch of 50,000 images, bf16 2-core CPU (README)
     "seed": 0,
     "max_train_images": 0,  # 0: the whole split; fewer only to try the script out
+    "epochs": 0,  # every candidate trains this many epochs (0: as many as `minutes` holds for its width);
+    # the slow CPU kind's 10-minute budget holds 3 of airbench-small (benchmarks/slow_cpu.py)
 }
 
 # Width: cost of an epoch relative to airbench-small, measured by `throughput` below on the
@@ -51,8 +53,14 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "mid-width": ("mid", {}),
     "full-width": ("full", {}),
     "label-smoothing-0.2": ("small", {"label_smoothing": 0.2}),
-    "batch-1000": ("small", {"batch_size": 1000}),
     "ema-0.99": ("small", {"ema": 0.99}),
+    # Smaller batches for short runs: 3 epochs of 2,000-image batches are only 75 steps. The
+    # head and bias lr follow the batch linearly (the loss is a mean over the batch, and the
+    # weight decay per step shrinks with them); Muon's filter step has a fixed size whatever
+    # the batch, so with 4x the steps it is cut by sqrt(4) or by 4.
+    "batch-1000": ("small", {"batch_size": 1000, "lr": 0.83, "filter_lr": 0.17}),
+    "batch-500": ("small", {"batch_size": 500, "lr": 0.415, "filter_lr": 0.12}),
+    "batch-500-filter-lr-0.06": ("small", {"batch_size": 500, "lr": 0.415, "filter_lr": 0.06}),
 }
 
 
@@ -81,18 +89,19 @@ def run(name: str, width: str, overrides: dict, epochs: int, dataset) -> dict:
     plain = float((model.predict_logits(test_x).argmax(1) == test_y).mean())
     tta = float((predict_logits_tta(model, test_x, "flip+translate").argmax(1) == test_y).mean())
     return {"candidate": name, "widths": "-".join(map(str, WIDTHS[width])), "epochs": epochs,
-            **{k: getattr(trainer.cfg, k) for k in ("batch_size", "label_smoothing", "ema")},
+            **{k: getattr(trainer.cfg, k) for k in ("batch_size", "lr", "filter_lr", "label_smoothing", "ema")},
             "test_acc": round(plain, 4), "tta_test_acc": round(tta, 4), "train_seconds": round(seconds, 1),
             "load_avg_1min": round(os.getloadavg()[0], 1)}
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| candidate | widths | epochs | batch | label smoothing | EMA | test acc | with TTA | train s (this machine) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| candidate | widths | epochs | batch | lr | filter lr | label smoothing | EMA | test acc | with TTA "
+             "| train s (this machine) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: -r["tta_test_acc"]):
-        lines.append(f"| {r['candidate']} | {r['widths']} | {r['epochs']} | {r['batch_size']} | "
-                     f"{r['label_smoothing']} | {r['ema'] or '-'} | {r['test_acc']:.1%} | {r['tta_test_acc']:.1%} | "
-                     f"{r['train_seconds']} |")
+        lines.append(f"| {r['candidate']} | {r['widths']} | {r['epochs']} | {r['batch_size']} | {r['lr']} | "
+                     f"{r['filter_lr']} | {r['label_smoothing']} | {r['ema'] or '-'} | {r['test_acc']:.1%} | "
+                     f"{r['tta_test_acc']:.1%} | {r['train_seconds']} |")
     return lines
 
 
@@ -117,7 +126,7 @@ def main() -> None:
         width, overrides = CANDIDATES[name]
         # The width's epoch on the reference machine, scaled by the throughput measured here.
         epoch_s = HYP["small_epoch_s"] * cost[width] / cost["small"]
-        epochs = max(1, int(60 * HYP["minutes"] / epoch_s))
+        epochs = HYP["epochs"] or max(1, int(60 * HYP["minutes"] / epoch_s))
         rows.append(run(name, width, overrides, epochs, dataset))
         print(rows[-1], flush=True)
         with open(args.out / "recipe_sweep.csv", "w", newline="") as f:

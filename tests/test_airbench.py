@@ -115,3 +115,29 @@ def test_auto_picks_the_measured_width_for_the_device_and_the_number_of_classes(
     assert TrainConfig().resolved(cuda, num_classes=100).model == "airbench"
     mid = create_model("airbench-mid", 100)
     assert sum(p.numel() for p in mid.parameters()) == pytest.approx(1.13e6, rel=0.01)
+
+
+def test_auto_with_a_budget_takes_the_widest_network_it_holds_enough_epochs_of():
+    """The choice from measured paces (injected here: the measure itself is a benchmark's job).
+    The bf16 CPU's 10 minutes hold about 9 epochs of airbench-mid; the slow CPU kind's about
+    1.7, where airbench-small reached 37% and airbench-mid 20% (benchmarks/slow_cpu.py)."""
+    cpu = torch.device("cpu")
+    fast = {"airbench-mid": 9.0, "airbench-small": 18.0}
+    slow = {"airbench-mid": 1.7, "airbench-small": 3.4}
+    assert TrainConfig(time_budget=10).resolved(cpu, 100, fast.__getitem__).model == "airbench-mid"
+    assert TrainConfig(time_budget=10).resolved(cpu, 100, slow.__getitem__).model == "airbench-small"
+    # A budget too short for even one epoch of the narrowest still gets it: the planner says why.
+    assert TrainConfig(time_budget=1).resolved(cpu, 100, lambda model: 0.1).model == "airbench-small"
+    # Up to 10 classes, a GPU, or a named model: nothing is measured.
+    never = lambda model: pytest.fail("measured")  # noqa: E731
+    assert TrainConfig(time_budget=10).resolved(cpu, 10, never).model == "airbench-small"
+    assert TrainConfig(time_budget=10).resolved(torch.device("cuda"), 100, never).model == "airbench"
+
+
+def test_the_pace_probe_measures_each_candidate_once_per_call():
+    from cifarlab.training import BudgetEpochs
+
+    probe = BudgetEpochs(torch.device("cpu"), False, 100, (32, 32), train_images=40_000, budget_s=600)
+    estimates = [probe("airbench-small"), probe("airbench-mid")]
+    assert all(0 < e < float("inf") for e in estimates)  # which is larger is timing: a benchmark's job
+    assert "epochs of airbench-small" in probe.describe() and "epochs of airbench-mid" in probe.describe()

@@ -6,6 +6,7 @@ The pipeline, one module per job:
     modelfile  -> load_model, save_model          (safetensors + metadata; uint8 NHWC contract)
     training   -> train, resume, TrainConfig      (training loop, run folders)
     evaluation -> evaluate                        (metrics.json, cm.json, confusion_matrix.png)
+    results    -> EvaluationResult                (the evaluation record and its folder)
     diagnosis  -> diagnose                        (why a model predicts only a few classes)
     report     -> write_report                    (a self-contained HTML report)
     export     -> export_onnx                     (ONNX with the preprocessing inside)
@@ -17,7 +18,8 @@ __version__ = "0.1.0"
 from cifarlab.errors import CifarlabError, InputError  # noqa: E402
 
 _SUBMODULES = {"data", "models", "modelfile", "training", "evaluation", "diagnosis", "report", "export",
-               "metrics", "plots", "demo", "predict", "cli", "formats", "runner", "onnx", "keras"}
+               "metrics", "plots", "demo", "predict", "cli", "formats", "runner", "onnx", "keras", "results",
+               "schema", "config"}
 
 
 def __getattr__(name: str):
@@ -30,7 +32,7 @@ def __getattr__(name: str):
         "Classifier": "cifarlab.modelfile",
         "create_model": "cifarlab.models", "list_models": "cifarlab.models",
         "train": "cifarlab.training", "resume": "cifarlab.training", "TrainConfig": "cifarlab.training",
-        "evaluate": "cifarlab.evaluation", "diagnose": "cifarlab.diagnosis",
+        "evaluate": "cifarlab.evaluation", "EvaluationResult": "cifarlab.results", "diagnose": "cifarlab.diagnosis",
         "export_onnx": "cifarlab.export", "write_report": "cifarlab.report",
     }
     if name in homes:
@@ -42,4 +44,4 @@ def __getattr__(name: str):
 
 __all__ = ["CifarlabError", "InputError", "load_dataset", "get_split", "Dataset", "load_model",
            "save_model", "Classifier", "create_model", "list_models", "train", "resume",
-           "TrainConfig", "evaluate", "diagnose", "export_onnx", "write_report"]
+           "TrainConfig", "evaluate", "EvaluationResult", "diagnose", "export_onnx", "write_report"]

@@ -5,6 +5,7 @@ builds its flags from these fields without loading the library."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,7 +33,8 @@ class TrainConfig:
     resize: bool = flag(False, cli=False)
     bad_images: str = flag("refuse", cli=False)
     model: str = flag("auto", "architecture (see `cifarlab models`); auto: airbench on a GPU; on a CPU "
-                      "airbench-small, or airbench-mid for more than 10 classes")
+                      "airbench-small, or for more than 10 classes airbench-mid where the time budget "
+                      "holds enough of its epochs on this machine")
     arch_args: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     epochs: int | None = flag(None, "passes over the training images (8 for airbench)")
     batch_size: int | None = flag(None, "images per step (2000 for airbench)")
@@ -115,13 +117,14 @@ class TrainConfig:
             if not ok:
                 raise CifarlabError(message)
 
-    def resolved(self, device: Any, num_classes: int = 10) -> Recipe:
-        """The run as it will be trained: the model chosen and every None filled from the
-        model's recipe (with its many-class overrides for datasets of more than 10 classes,
-        e.g. CIFAR-100)."""
+    def resolved(self, device: Any, num_classes: int = 10,
+                 epochs_in_budget: Callable[[str], float] | None = None) -> Recipe:
+        """The run as it will be trained: the model chosen (`epochs_in_budget`: see auto_model)
+        and every None filled from the model's recipe (with its many-class overrides for
+        datasets of more than 10 classes, e.g. CIFAR-100)."""
         from cifarlab.models import get_model_spec  # the registry builds torch modules
 
-        model = self.model if self.model != "auto" else auto_model(device, num_classes)
+        model = self.model if self.model != "auto" else auto_model(device, num_classes, epochs_in_budget)
         spec = get_model_spec(model)
         recipe = {"momentum": 0.9, "nesterov": False, "bias_lr_scale": 1.0, "lookahead": False,
                   "alternate_flip": False, **spec.recipe,
@@ -192,14 +195,29 @@ _RECIPE_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "nesterov", "weig
                   "bias_lr_scale", "lookahead", "label_smoothing", "translate", "alternate_flip", "fill")
 
 
-def auto_model(device: Any, num_classes: int) -> str:
+# `--model auto` on a CPU for more than 10 classes, with a time budget: the widest network of
+# which the budget holds at least this many epochs. MIN_MID_EPOCHS is bracketed by measurements
+# on the real CIFAR-100 at equal training time: with 9 epochs airbench-mid beat
+# airbench-small's 18 (65.5% against 63.5% with TTA, README "Results"); with 3.65 (rounded down
+# to 3) it lost to airbench-small's 7 (46.0% against 53.3%,
+# benchmarks/results/recipe_sweep_crossover.md); with about 1.7, the slow CPU kind's 10
+# minutes, it reached 20.2% where airbench-small's 3 reached 37.1% (benchmarks/slow_cpu.py).
+MIN_MID_EPOCHS = 6.0
+AUTO_CPU_CANDIDATES: tuple[tuple[str, float], ...] = (("airbench-mid", MIN_MID_EPOCHS), ("airbench-small", 0.0))
+
+
+def auto_model(device: Any, num_classes: int, epochs_in_budget: Callable[[str], float] | None = None) -> str:
     """`--model auto`: the full airbench network on a GPU; on a CPU, airbench-small for up to
-    10 classes and airbench-mid for more (measured on CIFAR-100 in a 10-minute budget, README
-    "Results": the wider network's fewer epochs learn more per minute with 100 classes)."""
+    10 classes, and for more the widest of AUTO_CPU_CANDIDATES whose epochs a time budget
+    holds enough of (`epochs_in_budget(model)`, measured on this machine), or airbench-mid
+    when the epochs are given (the wider network learns more per epoch with 100 classes)."""
     if device.type == "cuda":
         return "airbench"
-    return "airbench-mid" if num_classes > 10 else "airbench-small"
-
+    if num_classes <= 10:
+        return "airbench-small"
+    if epochs_in_budget is None:
+        return "airbench-mid"
+    return next(name for name, least in AUTO_CPU_CANDIDATES if epochs_in_budget(name) >= least)
 
 
 def _positive(value: float) -> bool:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
 from cifarlab.choices import OPTIMIZERS, SCHEDULES
-from cifarlab.config import Recipe, TrainConfig
+from cifarlab.config import MIN_MID_EPOCHS, Recipe, TrainConfig
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, InputError, ModelFileError, TrainingInterrupted
 from cifarlab.fileio import atomic_write
@@ -54,6 +54,7 @@ from cifarlab.modelfile import (
     read_safetensors,
     save_model,
 )
+from cifarlab.models import create_model
 from cifarlab.optim import Muon
 from cifarlab.text import plural
 
@@ -149,6 +150,45 @@ def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
             f"Use --time-budget {needed_min:g} or more, or fewer images (--max-train-images)."
         )
     return epochs
+
+
+# --model auto with a time budget on a CPU: each candidate network's pace, from forward and
+# backward passes over AUTO_PROBE_IMAGES random images (about 2 s in all on the bf16 CPU, 8 s
+# on the slow kind; the plan is then measured on the real step), and the share of the budget
+# that goes to epochs (the rest: measuring, validation, the final evaluation; 0.8-0.9 in the
+# README's 10-minute runs, 0.65-0.75 on the slow CPU kind).
+AUTO_PROBE_IMAGES = 500
+AUTO_TRAIN_SHARE = 0.8
+
+
+class BudgetEpochs:
+    """How many epochs of a model a time budget holds here (config.auto_model's measure)."""
+
+    def __init__(self, device: torch.device, amp: bool, num_classes: int, image_size: tuple[int, int],
+                 train_images: int, budget_s: float):
+        self.device, self.amp, self.num_classes, self.image_size = device, amp, num_classes, image_size
+        self.train_images, self.budget_s = train_images, budget_s
+        self.measured: dict[str, float] = {}
+
+    def __call__(self, model: str) -> float:
+        net = create_model(model, self.num_classes).to(self.device)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        images = torch.randn(AUTO_PROBE_IMAGES, 3, *self.image_size, device=self.device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(self.num_classes, (AUTO_PROBE_IMAGES,), device=self.device)
+
+        def step() -> None:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = F.cross_entropy(net(images).float(), labels)
+            loss.backward()
+
+        step()  # warm-up: first-call allocations
+        image_s = timed(self.device, step) / AUTO_PROBE_IMAGES
+        self.measured[model] = AUTO_TRAIN_SHARE * self.budget_s / (image_s * self.train_images)
+        return self.measured[model]
+
+    def describe(self) -> str:
+        return ", ".join(f"{epochs:.1f} epochs of {model}" for model, epochs in self.measured.items())
 
 
 def timed(device: torch.device, fn: Callable[[], object]) -> float:
@@ -285,12 +325,16 @@ class Trainer:
         cfg.validate()
         # Under torchrun (WORLD_SIZE > 1): join the process group, cuda:LOCAL_RANK on GPUs.
         self.device, self.rank, self.world_size = distributed.setup(pick_device(cfg.device))
-        self.cfg = cfg.resolved(self.device, len(dataset.classes))
+        self.progress = progress and distributed.is_main()
+        self.amp = cfg.amp == "on" or (cfg.amp == "auto" and bf16_is_fast(self.device))
+        budget_epochs = self.budget_epochs(cfg, dataset)
+        self.cfg = cfg.resolved(self.device, len(dataset.classes), budget_epochs)
+        if budget_epochs is not None and self.progress:
+            tqdm.write(f"--model auto: {self.cfg.model} (this budget holds about {budget_epochs.describe()} "
+                       f"here; airbench-mid needs {MIN_MID_EPOCHS:g})")
         self.dataset = dataset
         # Rank 0's default run folder on every rank (the timestamps could differ).
         self.run_dir = Path(run_dir) if run_dir else distributed.broadcast_object(default_run_dir(self.cfg, dataset))
-        self.progress = progress and distributed.is_main()
-        self.amp = self.cfg.amp == "on" or (self.cfg.amp == "auto" and bf16_is_fast(self.device))
 
         train_x = self.select_training_images()
         val_x, val_y = get_split(dataset, "val", cfg.val_fraction, cfg.seed)
@@ -332,6 +376,17 @@ class Trainer:
             if fitted:  # --fit-budget chose a smaller training set
                 self.select_training_images()
                 self.steps_per_epoch = self.count_steps()
+
+    def budget_epochs(self, cfg: TrainConfig, dataset: Dataset) -> BudgetEpochs | None:
+        """The measure by which `--model auto` picks a network for a time budget on one CPU
+        process (see config.auto_model); None where the choice does not depend on it."""
+        if cfg.model != "auto" or cfg.time_budget is None or self.device.type != "cpu" \
+                or self.world_size > 1 or len(dataset.classes) <= 10:
+            return None
+        images = round(len(dataset.train_y) * (1 - cfg.val_fraction))
+        images = min(images, cfg.max_train_images or images)
+        size = (dataset.train_x.shape[1], dataset.train_x.shape[2])
+        return BudgetEpochs(self.device, self.amp, len(dataset.classes), size, images, 60 * cfg.time_budget)
 
     @property
     def budget_minutes(self) -> float:
