@@ -75,7 +75,7 @@ def run_demo(data: str = "cifar100", out: Path = Path("demo"), time_budget: floa
     `time_budget`: minutes of training (the trainer plans the epochs to fit). `epochs` fixes
     the number of epochs instead (for reproducible runs such as tests). `max_train_images`:
     a class-balanced subset of the training split; None: DEMO_TRAIN_IMAGES, or fewer, so
-    that whole epochs (at least training.FIT_MIN_EPOCHS) fill the budget on this machine
+    that whole epochs (at least training.plan.FIT_MIN_EPOCHS) fill the budget on this machine
     (`--fit-budget`): the demo fits a slow or busy machine. `progress`: print a line per
     step, the training progress bars and the summary.
     """
@@ -225,7 +225,7 @@ def make_summary(out: Path, dataset: Dataset, trained: TrainResult, correct: Eva
         "model": str(out / "run" / "model.safetensors"),
         "trained": {**{k: trained_metrics.get(k) for k in ("epochs", "train_seconds", "val_acc")},
                     "train_images": trained.model.meta["metrics"]["train_images"],
-                    # Set when --fit-budget took fewer images than asked (see training.FIT_MIN_EPOCHS).
+                    # Set when --fit-budget took fewer images than asked (see training.plan.FIT_MIN_EPOCHS).
                     "fitted_to_budget": "fitted_train_images" in (trained.model.meta["recipe"]["plan"] or {})},
         "architecture": trained.model.meta["architecture"],
         "accuracy_correct": correct.accuracy,

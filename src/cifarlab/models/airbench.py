@@ -98,7 +98,7 @@ class AirbenchNet(nn.Module):
 # logits x 1/9 they become: head lr 0.67 x 2000 x (9/256)^2 = 1.66, BatchNorm (and whitening)
 # biases 0.053 x 2000 = 106 = 1.66 x 64, and weight decay 4e-3 per step / 1.66 = 2.41e-3.
 # One simplification: the whitening bias trains for the first 30% of the epochs at the
-# scheduled rate (training.WARMUP_FRACTION), where airbench94_muon decays it to 0 over 3 of 8.
+# scheduled rate (training.averaging.WARMUP_FRACTION), where airbench94_muon decays it to 0 over 3 of 8.
 # Measured by benchmarks/train_speed.py on the CIFAR-10 JPEG copy with airbench-small on a
 # 2-core CPU: 88.5% (TTA) after 8 epochs in 343 s, where airbench94's SGD recipe took 10
 # epochs and 428 s for 88.8%.

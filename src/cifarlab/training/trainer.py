@@ -1,7 +1,4 @@
-"""Training: the whole dataset as one uint8 tensor on the device, batched augmentation, no DataLoader.
-
-A run folder holds config.json, history.csv, checkpoint.safetensors (rewritten atomically
-after every epoch; `resume` continues from it) and the final model.safetensors.
+"""The training loop: the whole dataset as one uint8 tensor on the device, batched augmentation, no DataLoader.
 
 Determinism: each epoch's shuffling, augmentation and dropout draw from generators seeded
 by (seed, epoch), so a run resumed at an epoch boundary is bit-identical on the CPU to one
@@ -20,14 +17,10 @@ each epoch's permutation through DistributedDataParallel; only rank 0 writes the
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
-import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -40,10 +33,9 @@ from tqdm import tqdm
 
 from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
-from cifarlab.choices import OPTIMIZERS, SCHEDULES
 from cifarlab.config import MIN_MID_EPOCHS, Recipe, TrainConfig
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
-from cifarlab.errors import CifarlabError, InputError, ModelFileError, TrainingInterrupted
+from cifarlab.errors import CifarlabError, ModelFileError, TrainingInterrupted
 from cifarlab.fileio import atomic_write
 from cifarlab.modelfile import (
     Classifier,
@@ -51,37 +43,28 @@ from cifarlab.modelfile import (
     build_classifier,
     input_statistics,
     make_meta,
-    read_safetensors,
     save_model,
 )
-from cifarlab.models import create_model
-from cifarlab.optim import Muon
 from cifarlab.text import plural
-
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-CHECKPOINT_KEY = "cifarlab-checkpoint"
-# The EMA folds in the weights every EMA_EVERY steps (and at each epoch's end). Its horizon
-# is 1/(1 - decay) steps, 100+ for any useful decay, and the weights barely move in 5 steps,
-# so the average is practically the same as with per-step updates, while its memory
-# traffic (two reads and a write of every weight) drops to a fifth: on a GPU, where an
-# airbench step takes milliseconds, a full pass over the weights every step would show.
-EMA_EVERY = 5
-# airbench's lookahead and whitening-bias timing, as fractions of the run: the whitening
-# layer's bias trains for the first 30% of epochs, the lookahead average starts after them.
-WARMUP_FRACTION = 0.3
-LOOKAHEAD_EVERY = 5
-# Planned epochs are costed 5% above the measurement: the progress bar, the history file
-# and timing noise are not in it.
-PLAN_MARGIN = 1.05
-# --fit-budget: the budget is filled with whole epochs, on fewer training images where all of
-# them would leave part of an epoch unused or hold fewer than FIT_MIN_EPOCHS epochs. Measured
-# by benchmarks/fit_budget.py on CIFAR-100 at a fixed number of image-epochs: with one epoch's
-# worth (48,000), 1 epoch of 48,000 images gave 14.5%, 4 of 12,000 15.8%, 16 of 3,000 16.9%; with
-# four epochs' worth, 4 of 48,000 gave 40.9%, 8 of 24,000 40.6%, 16 of 12,000 39.6%. So at
-# least 4 epochs, and beyond that as many images as fit. Never fewer than
-# FIT_MIN_IMAGES_PER_CLASS per class.
-FIT_MIN_EPOCHS = 4
-FIT_MIN_IMAGES_PER_CLASS = 20
+from cifarlab.training.averaging import EMA_EVERY, LOOKAHEAD_EVERY, WARMUP_FRACTION, Lookahead, WeightEMA
+from cifarlab.training.device import bf16_is_fast, pick_device, timed
+from cifarlab.training.optimizer import lr_at, make_optimizer
+from cifarlab.training.plan import (
+    PLAN_MARGIN,
+    BudgetEpochs,
+    fit_images,
+    plan_epochs,
+)
+from cifarlab.training.runfolder import (
+    CHECKPOINT_KEY,
+    claim_run_folder,
+    dataset_spec,
+    default_run_dir,
+    history_csv,
+    join_optimizer_state,
+    read_checkpoint,
+    split_optimizer_state,
+)
 
 
 @dataclass
@@ -90,222 +73,6 @@ class TrainResult:
     run_dir: Path
     model_path: Path
     history: list[dict[str, Any]]
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds training up here: CUDA GPUs, and CPUs whose oneDNN has
-    native bf16 (AVX512-BF16 or AMX: on this project's 2-core machines `airbench` trains at
-    about 380 images/s in bf16 against 190-200 in float32)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise CifarlabError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CifarlabError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return device
-
-
-
-
-def lr_at(progress: float, peak: float, schedule: str) -> float:
-    """Learning rate at a fraction `progress` in [0, 1) of training."""
-    if schedule == "triangle":  # airbench: 0.2 x peak, up to the peak at 23%, down to 0.07 x peak
-        rise = 0.23
-        if progress < rise:
-            return peak * (0.2 + 0.8 * progress / rise)
-        return peak * (1 - 0.93 * (progress - rise) / (1 - rise))
-    if schedule == "linear":  # airbench94_muon: from the peak straight down to 0
-        return peak * (1 - progress)
-    if schedule == "constant":
-        return peak
-    if schedule == "cosine":
-        return peak * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "onecycle":  # linear warm-up over 20% of training, then linear decay to 0
-        warmup = 0.2
-        if progress < warmup:
-            return peak * (0.1 + 0.9 * progress / warmup)
-        return peak * (1 - progress) / (1 - warmup)
-    raise CifarlabError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-
-
-def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
-    """How many epochs of `epoch_s` seconds fit in `budget_s` after `fixed_s` of one-off costs."""
-    epochs = math.floor((budget_s - fixed_s) / epoch_s)
-    if epochs < 1:
-        needed_min = math.ceil((fixed_s + epoch_s) / 6) / 10  # rounded up to 0.1 minute
-        raise CifarlabError(
-            f"a {budget_s / 60:g}-minute budget does not fit one epoch: an epoch takes {epoch_s:.1f} s "
-            f"here, plus {fixed_s:.1f} s of one-off costs (measuring, the final test evaluation). "
-            f"Use --time-budget {needed_min:g} or more, or fewer images (--max-train-images)."
-        )
-    return epochs
-
-
-# --model auto with a time budget on a CPU: each candidate network's pace, from forward and
-# backward passes over AUTO_PROBE_IMAGES random images (about 2 s in all on the bf16 CPU, 8 s
-# on the slow kind; the plan is then measured on the real step), and the share of the budget
-# that goes to epochs (the rest: measuring, validation, the final evaluation; 0.8-0.9 in the
-# README's 10-minute runs, 0.65-0.75 on the slow CPU kind).
-AUTO_PROBE_IMAGES = 500
-AUTO_TRAIN_SHARE = 0.8
-
-
-class BudgetEpochs:
-    """How many epochs of a model a time budget holds here (config.auto_model's measure)."""
-
-    def __init__(self, device: torch.device, amp: bool, num_classes: int, image_size: tuple[int, int],
-                 train_images: int, budget_s: float):
-        self.device, self.amp, self.num_classes, self.image_size = device, amp, num_classes, image_size
-        self.train_images, self.budget_s = train_images, budget_s
-        self.measured: dict[str, float] = {}
-
-    def __call__(self, model: str) -> float:
-        net = create_model(model, self.num_classes).to(self.device)
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        images = torch.randn(AUTO_PROBE_IMAGES, 3, *self.image_size, device=self.device)
-        images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(self.num_classes, (AUTO_PROBE_IMAGES,), device=self.device)
-
-        def step() -> None:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                loss = F.cross_entropy(net(images).float(), labels)
-            loss.backward()
-
-        step()  # warm-up: first-call allocations
-        image_s = timed(self.device, step) / AUTO_PROBE_IMAGES
-        self.measured[model] = AUTO_TRAIN_SHARE * self.budget_s / (image_s * self.train_images)
-        return self.measured[model]
-
-    def describe(self) -> str:
-        return ", ".join(f"{epochs:.1f} epochs of {model}" for model, epochs in self.measured.items())
-
-
-def timed(device: torch.device, fn: Callable[[], object]) -> float:
-    """Wall seconds of fn(), waiting for queued GPU work on both sides."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-class Lookahead:
-    """airbench's lookahead: every few steps, average the weights and reset them to the average.
-
-    The average's decay grows from 0 to 0.95^5 over training (cubic in progress), so it
-    barely holds the network back early and smooths strongly at the end, where it works
-    like a weight average without a second model for evaluation. BatchNorm running
-    statistics are averaged with the weights. At every epoch's end the live weights are the
-    average, so a run resumed from a checkpoint restarts it exactly from the loaded weights.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        state = model.state_dict()
-        self._live = [v for v in state.values() if v.is_floating_point()]
-        self._average = [v.detach().clone() for v in self._live]
-
-    @torch.no_grad()
-    def update(self, progress: float) -> None:
-        decay = 0.95 ** LOOKAHEAD_EVERY * progress ** 3
-        torch._foreach_lerp_(self._average, self._live, 1 - decay)
-        self.reset_live()
-
-    @torch.no_grad()
-    def reset_live(self) -> None:
-        torch._foreach_copy_(self._live, self._average)
-
-
-class WeightEMA:
-    """A debiased exponential moving average of a model's weights, held in a second model.
-
-    BatchNorm running statistics are averaged like the weights (as timm's ModelEmaV2 does),
-    not copied: the live statistics describe the live weights' activations, while averages
-    over the same horizon as the weights approximately describe the averaged weights'.
-    Recomputing them with a pass over the training data would be exact but costs an epoch's
-    forward passes. Integer buffers (BatchNorm's batch counter) are copied.
-    """
-
-    def __init__(self, model: Classifier, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        # state_dict tensors share storage with the parameters, so these lists stay live.
-        live, average = model.state_dict(), self.model.state_dict()
-        floats = [k for k, v in live.items() if v.is_floating_point()]
-        ints = [k for k in live if k not in floats]
-        self._live, self._average = [live[k] for k in floats], [average[k] for k in floats]
-        self._live_ints, self._average_ints = [live[k] for k in ints], [average[k] for k in ints]
-
-    @torch.no_grad()
-    def update(self, steps: int, total_steps: int) -> None:
-        """Fold in the live weights after `steps` more steps, `total_steps` in all.
-
-        The weight (1 - d^steps) / (1 - d^total) makes the result the decay-weighted mean of
-        the weights seen so far, without the initial weights' bias (the first update copies);
-        it depends only on the step count, so a resumed run averages exactly the same way.
-        """
-        weight = (1 - self.decay ** steps) / (1 - self.decay ** total_steps)
-        torch._foreach_lerp_(self._average, self._live, weight)
-        if self._live_ints:  # _foreach ops refuse empty lists
-            torch._foreach_copy_(self._average_ints, self._live_ints)
-
-
-def make_optimizer(model: Classifier, cfg: Recipe) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.optimizer == "muon":
-        return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    raise CifarlabError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-
-
-def parameter_groups(model: torch.nn.Module, cfg: Recipe) -> list[dict[str, Any]]:
-    """Trainable parameters in groups: BatchNorm biases, a whitening layer's bias, the rest.
-
-    The BatchNorm biases' learning rate is scaled up by bias_lr_scale and their weight decay
-    down by the same factor, so each step shrinks them by the same fraction as the other
-    weights (airbench trains them 64x faster: a BN bias is one number per channel that the
-    scale-free convolutions cannot take over). `lr_scale` multiplies the scheduled lr; the
-    whitening bias's is set to 0 after the warm-up epochs (see Trainer.train_epoch).
-    Frozen parameters (the whitening filters, BatchNorm scales) are left out. With the muon
-    optimizer the conv filters (4-D) form a group of their own, orthogonalized (see optim.py),
-    at filter_lr and filter_momentum; their norm is fixed, so they take no weight decay.
-    """
-    scale = cfg.bias_lr_scale
-    biases = [m.bias for m in model.modules()
-              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None]
-    whiten = getattr(getattr(model, "net", model), "whiten", None)
-    # The whitening bias has a group of its own: train_epoch stops it after the warm-up.
-    whiten_bias = [whiten.bias] if whiten is not None and whiten.bias is not None else []
-    special = {id(p) for p in biases + whiten_bias}
-    others = [p for p in model.parameters() if id(p) not in special]
-    filters = [p for p in others if p.ndim == 4] if cfg.optimizer == "muon" else []
-    others = [p for p in others if p.ndim != 4] if filters else others
-    groups = [
-        {"params": [p for p in filters if p.requires_grad], "lr_scale": (cfg.filter_lr or cfg.lr) / cfg.lr,
-         "momentum": cfg.filter_momentum if cfg.filter_momentum is not None else cfg.momentum,
-         "weight_decay": 0.0, "orthogonalize": True},
-        {"params": [p for p in others if p.requires_grad], "lr_scale": 1.0,
-         "weight_decay": cfg.weight_decay},
-        {"params": [p for p in biases if p.requires_grad], "lr_scale": scale,
-         "weight_decay": cfg.weight_decay / scale},
-        {"params": whiten_bias, "lr_scale": 1.0, "weight_decay": cfg.weight_decay, "whiten_bias": True},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def subsample(x: np.ndarray, y: np.ndarray, n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -462,7 +229,9 @@ class Trainer:
         if self.cfg.compile:  # the run's own model compiles again on its first step
             fixed_s += first_step_s
         budget_s = 60 * self.budget_minutes
-        images = self.fitted_images(budget_s - fixed_s, step_s, epoch_s) if self.cfg.fit_budget else None
+        images = fit_images(budget_s - fixed_s, step_s, epoch_s, self.steps_per_epoch,
+                            self.batch_size * self.world_size, len(self.dataset.classes), len(self.train_y),
+                            self.budget_minutes) if self.cfg.fit_budget else None
         if images is not None:
             steps = math.ceil(images / self.world_size / self.batch_size)
             epoch_s = PLAN_MARGIN * (steps * step_s + len(self.val_y) * image_s + checkpoint_s)
@@ -478,28 +247,6 @@ class Trainer:
             plan["fitted_train_images"] = images
             return replace(self.cfg, epochs=epochs, plan=plan, max_train_images=images)
         return replace(self.cfg, epochs=epochs, plan=plan)
-
-    def fitted_images(self, available_s: float, step_s: float, epoch_s: float) -> int | None:
-        """The training images that fill `available_s` with whole epochs, at least FIT_MIN_EPOCHS
-        of them (all images would leave part of an epoch's time unused, or too few epochs);
-        None when whole epochs of all of them fill it already. Refuses when not even
-        FIT_MIN_IMAGES_PER_CLASS fit."""
-        epochs = max(FIT_MIN_EPOCHS, math.ceil(available_s / epoch_s))
-        if epochs * epoch_s <= available_s:
-            return None
-        per_epoch_fixed_s = epoch_s - PLAN_MARGIN * self.steps_per_epoch * step_s  # validation, checkpoint
-        train_s = (available_s / epochs - per_epoch_fixed_s) / PLAN_MARGIN
-        # Less half an image per class: the class-balanced subset rounds each class's share.
-        steps = int(max(train_s, 0.0) / step_s)
-        images = steps * self.batch_size * self.world_size - math.ceil(len(self.dataset.classes) / 2)
-        least = FIT_MIN_IMAGES_PER_CLASS * len(self.dataset.classes)
-        if images < least:
-            raise CifarlabError(
-                f"a {self.cfg.time_budget:g}-minute budget does not fit {FIT_MIN_EPOCHS} epochs of even "
-                f"{least:,} training images ({FIT_MIN_IMAGES_PER_CLASS} per class) here: a step of "
-                f"{self.batch_size} images takes {step_s:.2f} s and each epoch's validation and "
-                f"checkpoint {per_epoch_fixed_s:.1f} s. Give a larger --time-budget.")
-        return min(images, len(self.train_y))
 
     def replan(self, first_epoch_s: float) -> Recipe:
         """The plan corrected after the first epoch, at the pace that epoch really ran at
@@ -716,12 +463,7 @@ class Trainer:
         atomic_write(self.run_dir / "config.json", (json.dumps(asdict(self.cfg), indent=2) + "\n").encode())
 
     def write_history(self) -> None:
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        for row in self.history:
-            writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
-        atomic_write(self.run_dir / "history.csv", text.getvalue().encode(), what="training history")
+        atomic_write(self.run_dir / "history.csv", history_csv(self.history), what="training history")
 
     def save_checkpoint(self) -> Path:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -757,41 +499,6 @@ class Trainer:
         return TrainResult(model, self.run_dir, path, self.history)
 
 
-def split_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as safetensors tensors plus a JSON-able rest (no pickle)."""
-    tensors, scalars = {}, {}
-    for pid, entries in state["state"].items():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for key, value in rest["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def dataset_spec(data: str) -> str:
-    """What to pass to load_dataset later: a name as given, a path made absolute."""
-    return str(Path(data).resolve()) if Path(data).exists() else data
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
 def format_row(row: dict[str, Any], epochs: int) -> str:
     text = (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.3f} "
             f"acc {row['train_acc']:.3f}")
@@ -800,37 +507,9 @@ def format_row(row: dict[str, Any], epochs: int) -> str:
     return text + f"  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
 
 
-def default_run_dir(cfg: TrainConfig | Recipe, dataset: Dataset, root: Path = Path("runs")) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{dataset.name}-{cfg.model}-{stamp}"
-
-
 def load_run_dataset(cfg: TrainConfig, progress: bool = True) -> Dataset:
     """The dataset a run trains on, imported with the run's --resize/--bad-images options."""
     return load_dataset(cfg.data, progress=progress, resize=cfg.resize, bad_images=cfg.bad_images)
-
-
-# A folder holding any of these holds a run.
-RUN_FILES = ("config.json", "history.csv", "checkpoint.safetensors", "model.safetensors")
-
-
-def claim_run_folder(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds a run, unless `overwrite`: then the old run's
-    files go first, with the evaluation folders made from its model (eval-*), so that nothing
-    of it is left beside the new model. Nothing else in the folder is touched."""
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise InputError(f"{run_dir} holds a run already ({', '.join(found)}): continue it with "
-                         f"`cifarlab train --resume {run_dir}`, train into another folder (--out), or pass "
-                         "--overwrite to replace it (its eval-* folders go with it)")
-    # Every torchrun rank may get here: a file another rank removed first is no error.
-    for name in found:
-        (run_dir / name).unlink(missing_ok=True)
-    for folder in run_dir.glob("eval-*"):
-        if (folder / "metrics.json").is_file():
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def train(cfg: TrainConfig, *, dataset: Dataset | None = None, run_dir: str | Path | None = None,
@@ -869,11 +548,3 @@ def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int |
         return trainer.fit()
     finally:
         distributed.teardown()  # a no-op without torchrun
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the JSON state (config, history, optimizer) of a checkpoint file."""
-    tensors, metadata = read_safetensors(path)
-    if CHECKPOINT_KEY not in metadata:
-        raise ModelFileError(f"{path} is not a cifarlab training checkpoint")
-    return tensors, json.loads(metadata[CHECKPOINT_KEY])
