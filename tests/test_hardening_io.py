@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from http_server import PAYLOAD, PAYLOAD_MD5, url_of
 from PIL import Image
 from safetensors.torch import save_file
-from synthetic import EPS, IMAGES, pixel_bomb_png
+from synthetic import EPS, IMAGES, QUICK, pixel_bomb_png, synthetic_dataset
 
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError, InputError, ModelFileError, StorageError
@@ -30,6 +31,7 @@ from cifarlab.fileio import atomic_write
 from cifarlab.imageops import resize_images
 from cifarlab.modelfile import METADATA_KEY, build_classifier, load_model, make_meta, save_model, validate_images
 from cifarlab.predict import read_image
+from cifarlab.training import CHECKPOINT_KEY, TrainConfig, read_checkpoint, resume, train
 
 STATS = {"mean": [125.3, 123.0, 113.9], "std": [63.0, 62.1, 66.7], "min": [0, 0, 0], "max": [255, 255, 255]}
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -193,10 +195,30 @@ def test_damaged_metadata_is_refused_without_building_anything(tmp_path: Path, e
 
 
 def test_a_huge_architecture_in_the_metadata_is_never_allocated(tmp_path: Path) -> None:
-    # 10**6 output classes of width 512: 2 GB of weights if built before checking.
+    # 10**6 output classes of width 512: 2 GB of weights if built before checking. Refused by
+    # the metadata's bounds now, before even the shapes are compared.
     path = damaged(tmp_path, lambda m: {**m, "num_classes": 10**6, "classes": ["c"] * 10**6})
+    with pytest.raises(ModelFileError, match=r"'num_classes' must be an integer in \[1, 10,000\]"):
+        load_model(path)
+    # Within the bounds, a head that does not match the stored weights is still found by shape.
+    path = damaged(tmp_path, lambda m: {**m, "num_classes": 9_000, "classes": ["c"] * 9_000})
     with pytest.raises(ModelFileError, match="weights do not match"):
         load_model(path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: {**m, "arch_args": {"widths": [10**6, 10**6, 10**6]}}, "arch_args 'widths' must be"),
+    (lambda m: {**m, "arch_args": {"widths": "wide"}}, "arch_args 'widths' must be"),
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "std": [0, 1, 1]}}, "'std' must be a number in"),
+    (lambda m: {**m, "preprocessing": {**m["preprocessing"], "mean": [float("nan"), 0, 0]}}, "'mean' must be"),
+    (lambda m: {**m, "input": {**m["input"], "height": 10**6}}, "'height' must be an integer in"),
+    (lambda m: {**m, "classes": [1, 2]}, "'classes' must be a list of strings"),
+    (lambda m: {**m, "train_input_stats": {"mean": [1, 2, 3]}}, "'std' must be 3 per-channel numbers"),
+    (lambda m: {**m, "metrics": [0.5]}, "'metrics' must hold a JSON object"),
+])
+def test_each_metadata_field_is_checked_with_its_name(tmp_path: Path, edit, message: str) -> None:
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        load_model(damaged(tmp_path, edit))
 
 
 # ---- bad arrays for models -------------------------------------------------------------------------
@@ -494,3 +516,38 @@ def test_npz_members_are_bounded_before_numpy_allocates(tmp_path: Path, monkeypa
     ok = tmp_path / "ok.npz"
     np.savez(ok, probs=np.eye(3))
     assert load_array(ok, "predictions").shape == (3, 3)
+
+
+# ---- checkpoints for --resume: each field of the recorded state ------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    ds = synthetic_dataset(num_classes=4)
+    run = tmp_path_factory.mktemp("run")
+    train(TrainConfig(**{**QUICK, "epochs": 2}), dataset=ds, run_dir=run, progress=False)
+    return run, ds
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s["config"].update(epochs="8"), "'epochs' must be int | None, got str '8'"),
+    (lambda s: s["config"].update(lr=float("nan")), "'lr' must be float | None"),
+    (lambda s: s["config"].update(colour="red"), "fields this cifarlab does not know: colour"),
+    (lambda s: s["config"].update(label_smoothing=2.0), "--label-smoothing must be in [0, 1)"),
+    (lambda s: s["config"].update(arch_args={"widths": [10**7] * 3}), "arch_args 'widths' must be"),
+    (lambda s: s["config"].update(plan={"epoch_seconds": "fast"}), "plan must map names to numbers"),
+    (lambda s: s["history"][0].update(train_loss=None), "history[0]: 'train_loss' must be a number"),
+    (lambda s: s["history"].reverse(), "the history's epochs must be 1..2 in order"),
+    (lambda s: s.pop("optimizer"), "lacks optimizer"),
+    (lambda s: s["optimizer"]["param_groups"].pop(), "weights or optimizer state do not fit the run"),
+])
+def test_a_damaged_checkpoint_is_refused_with_the_field_named(finished_run, tmp_path: Path, edit, message: str) -> None:
+    run, ds = finished_run
+    tensors, state = read_checkpoint(run / "checkpoint.safetensors")
+    edit(state)
+    damaged_run = tmp_path / "run"
+    damaged_run.mkdir()
+    save_file(tensors, str(damaged_run / "checkpoint.safetensors"), metadata={CHECKPOINT_KEY: json.dumps(state)})
+    with pytest.raises(ModelFileError) as info:
+        resume(damaged_run, dataset=ds, epochs=3, progress=False)
+    assert message in str(info.value) and "start the run again" in str(info.value)
+    assert not (damaged_run / "model.safetensors").exists()

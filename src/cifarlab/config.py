@@ -11,6 +11,7 @@ from typing import Any
 
 from cifarlab.choices import AMP_MODES, BAD_IMAGE_POLICIES, FILLS, OPTIMIZERS, SCHEDULES
 from cifarlab.errors import CifarlabError
+from cifarlab.schema import Fields, describe, matches_annotation
 
 
 def flag(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None, metavar: str | None = None,
@@ -112,10 +113,32 @@ class TrainConfig:
             (not self.fit_budget or self.time_budget is not None,
              "--fit-budget needs --time-budget: it fits the training set to the budget's minutes"),
             (self.ema is None or 0 <= self.ema < 1, f"--ema must be in [0, 1), e.g. 0.999, got {self.ema}"),
+            (arch_args_problem(self.arch_args) is None, str(arch_args_problem(self.arch_args))),
+            (self.plan is None or all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                      for v in self.plan.values()), "a time budget's plan must map names to numbers"),
         ]
         for ok, message in checks:
             if not ok:
                 raise CifarlabError(message)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str, error: type[Exception] = CifarlabError) -> TrainConfig:
+        """The config a file recorded (a checkpoint's, a config.json), each field's type checked
+        against its annotation and the whole validated, so a damaged file fails here."""
+        f = Fields(data, where, "start the run again with `cifarlab train`", error)
+        known = {fld.name: str(fld.type) for fld in fields(cls)}
+        unknown = [key for key in f.data if key not in known]
+        if unknown:
+            f.fail(f"{where} has fields this cifarlab does not know: {', '.join(unknown[:8])}")
+        for key, value in f.data.items():
+            if not matches_annotation(value, known[key]):
+                f.fail(f"{where}: {key!r} must be {known[key]}, got {describe(value)}")
+        config = cls(**f.data)
+        try:
+            config.validate()
+        except CifarlabError as exc:
+            f.fail(f"{where}: {exc}")
+        return config
 
     def resolved(self, device: Any, num_classes: int = 10,
                  epochs_in_budget: Callable[[str], float] | None = None) -> Recipe:
@@ -218,6 +241,30 @@ def auto_model(device: Any, num_classes: int, epochs_in_budget: Callable[[str], 
     if epochs_in_budget is None:
         return "airbench-mid"
     return next(name for name, least in AUTO_CPU_CANDIDATES if epochs_in_budget(name) >= least)
+
+
+# Architecture arguments (widths, hidden units, kernel sizes, rates) are bounded before anything
+# is built: 8x the widest registered network's 256 channels, lists of at most 8 layers.
+MAX_ARCH_VALUE = 2048
+MAX_ARCH_LAYERS = 8
+
+
+def arch_args_problem(arch_args: Any) -> str | None:
+    """What is wrong with recorded architecture arguments, or None: each must be a finite number
+    in [0, MAX_ARCH_VALUE] or a list of at most MAX_ARCH_LAYERS positive integers up to it."""
+    if not isinstance(arch_args, dict):
+        return f"arch_args must be an object, got {describe(arch_args)}"
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= MAX_ARCH_VALUE
+
+    for key, value in arch_args.items():
+        ok = number(value) or (isinstance(value, (list, tuple)) and 0 < len(value) <= MAX_ARCH_LAYERS
+                               and all(number(v) and isinstance(v, int) and v >= 1 for v in value))
+        if not ok:
+            return (f"arch_args {key!r} must be a number in [0, {MAX_ARCH_VALUE}] or a list of at most "
+                    f"{MAX_ARCH_LAYERS} layer sizes of 1..{MAX_ARCH_VALUE}, got {describe(value)}")
+    return None
 
 
 def _positive(value: float) -> bool:

@@ -23,10 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from cifarlab.config import arch_args_problem
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
 from cifarlab.fileio import atomic_write
-from cifarlab.metrics import softmax
+from cifarlab.metrics import MAX_CLASSES, softmax
 from cifarlab.models import create_model, get_model_spec
+from cifarlab.schema import Fields, describe
 
 FORMAT = "cifarlab-model"
 FORMAT_VERSION = 1
@@ -292,29 +294,44 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
     return model.to(device).eval()
 
 
-def _check_meta(meta: dict[str, Any], path: Path) -> None:
-    """The metadata fields cifarlab relies on have the right types (a damaged or edited file fails here)."""
-    def numbers(value: Any, n: int) -> bool:
-        return (isinstance(value, list) and len(value) == n
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+MAX_SIDE = 4096  # pixels: a model's declared input height and width
 
-    pre, contract = meta.get("preprocessing"), meta.get("input")
-    checks = [
-        (isinstance(meta.get("architecture"), str), "'architecture' (a model name)"),
-        (isinstance(meta.get("arch_args"), dict), "'arch_args' (an object)"),
-        (isinstance(meta.get("num_classes"), int) and not isinstance(meta.get("num_classes"), bool)
-         and meta.get("num_classes", 0) >= 1, "'num_classes' (a positive integer)"),
-        (isinstance(meta.get("classes"), list) and len(meta["classes"]) == meta.get("num_classes")
-         and all(isinstance(c, str) for c in meta["classes"]), "'classes' (one name per class)"),
-        (isinstance(contract, dict) and all(isinstance(contract.get(k), int) and contract[k] > 0
-                                            for k in ("height", "width")), "'input' (with height and width)"),
-        (isinstance(pre, dict) and numbers(pre.get("mean"), 3) and numbers(pre.get("std"), 3),
-         "'preprocessing' (3 means and 3 standard deviations)"),
-    ]
-    bad = [what for ok, what in checks if not ok]
-    if bad:
-        raise ModelFileError(f"{path}: the cifarlab metadata lacks or garbles {', '.join(bad)}; the file was "
-                             "damaged or edited. Use the original file written by cifarlab.")
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """Every metadata field cifarlab relies on, checked once here (a damaged or edited file
+    fails with the field named): sizes are bounded before anything is built, the
+    preprocessing's std is positive, the class names match their count."""
+    f = Fields(meta, f"{path}: the cifarlab metadata", "the file was damaged or edited; use the original "
+               "file written by cifarlab", ModelFileError)
+    f.require("architecture", "arch_args", "num_classes", "classes", "input", "preprocessing")
+    f.string("architecture")
+    problem = arch_args_problem(meta["arch_args"])
+    if problem:
+        f.fail(f"{f.where}: {problem}")
+    names = len(f.strings("classes"))
+    if meta["num_classes"] != names:
+        f.fail(f"{f.where}: 'classes' must name the num_classes={describe(meta['num_classes'])} classes of the "
+               f"head, got {names} names")
+    f.integer("num_classes", 1, MAX_CLASSES)
+    contract = f.object("input")
+    contract.integer("height", 1, MAX_SIDE)
+    contract.integer("width", 1, MAX_SIDE)
+    pre = f.object("preprocessing")
+    _channel_numbers(pre, "mean", 0, 255)
+    _channel_numbers(pre, "std", 1e-6, 1e6)  # positive: preprocessing divides by it
+    stats = f.optional_object("train_input_stats")
+    if stats is not None:
+        for key in ("mean", "std", "min", "max"):
+            _channel_numbers(stats, key, 0, 255)
+    f.optional_dict("metrics")
+
+
+def _channel_numbers(f: Fields, key: str, low: float, high: float) -> list[float]:
+    """Three per-channel numbers in [low, high]."""
+    values = f.data.get(key)
+    if not isinstance(values, list) or len(values) != 3:
+        f.fail(f"{f.where}: {key!r} must be 3 per-channel numbers, got {describe(values)}")
+    return [Fields({key: v}, f.where, f.hint, f.error).number(key, low, high) for v in values]
 
 
 def _build_matching(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> Classifier:

@@ -65,6 +65,9 @@ class Fields:
             self._bad(key, f"a number in [{low:g}, {high:g}]")
         return float(value)
 
+    def optional_number(self, key: str, low: float = -math.inf, high: float = math.inf) -> float | None:
+        return self.number(key, low, high) if self.has(key) else None
+
     def integer(self, key: str, low: int = 0, high: int = 2**63 - 1) -> int:
         value = self.data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -94,3 +97,23 @@ class Fields:
     def optional_dict(self, key: str) -> dict[str, Any] | None:
         """A JSON object carried through as it is (shown, never computed with)."""
         return self.object(key).data if self.has(key) else None
+
+
+def matches_annotation(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a dataclass field's annotation ("int | None", "float",
+    "dict[str, Any]", ...): bool is not an int, an int is a float, NaN and inf are not numbers."""
+    for kind in annotation.replace(" ", "").split("|"):
+        if kind == "None" and value is None:
+            return True
+        if kind == "bool" and isinstance(value, bool):
+            return True
+        if kind == "str" and isinstance(value, str) and len(value) <= MAX_STRING:
+            return True
+        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            return True
+        if kind.startswith("dict") and isinstance(value, dict):
+            return True
+    return False

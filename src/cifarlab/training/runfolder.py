@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import shutil
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from cifarlab.errors import InputError, ModelFileError
 from cifarlab.modelfile import (
     read_safetensors,
 )
+from cifarlab.schema import Fields
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -27,23 +29,24 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 CHECKPOINT_KEY = "cifarlab-checkpoint"
 
 
-# A folder holding any of these holds a run.
+# The files of a run folder; one holding a checkpoint or a model holds work worth keeping (a run
+# stopped before its first checkpoint left only a config and maybe a history row).
 RUN_FILES = ("config.json", "history.csv", "checkpoint.safetensors", "model.safetensors")
+WORK_FILES = ("checkpoint.safetensors", "model.safetensors")
 
 
 def claim_run_folder(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to train into a folder that holds a run, unless `overwrite`: then the old run's
-    files go first, with the evaluation folders made from its model (eval-*), so that nothing
-    of it is left beside the new model. Nothing else in the folder is touched."""
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise InputError(f"{run_dir} holds a run already ({', '.join(found)}): continue it with "
+    """Refuse to train into a folder that holds a run's work (a checkpoint or a model) unless
+    `overwrite`; then, or where a run stopped before its first checkpoint, the old run's files
+    go first, with the evaluation folders made from its model (eval-*), so that nothing of it
+    is left beside the new model. Nothing else in the folder is touched."""
+    work = [name for name in WORK_FILES if (run_dir / name).exists()]
+    if work and not overwrite:
+        raise InputError(f"{run_dir} holds a run already ({', '.join(work)}): continue it with "
                          f"`cifarlab train --resume {run_dir}`, train into another folder (--out), or pass "
                          "--overwrite to replace it (its eval-* folders go with it)")
     # Every torchrun rank may get here: a file another rank removed first is no error.
-    for name in found:
+    for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
     for folder in run_dir.glob("eval-*"):
         if (folder / "metrics.json").is_file():
@@ -106,3 +109,38 @@ def history_csv(history: list[dict[str, Any]]) -> bytes:
     for row in history:
         writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
     return text.getvalue().encode()
+
+
+RESTART_HINT = "the checkpoint was damaged or edited; start the run again with `cifarlab train`"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """A checkpoint's JSON state, checked: the run's config, its history (one row per
+    finished epoch, 1..n), the optimizer's non-tensor state."""
+
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    optimizer: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, state: Any, where: str) -> CheckpointState:
+        f = Fields(state, where, RESTART_HINT, ModelFileError)
+        f.require("config", "history", "optimizer")
+        config = TrainConfig.from_dict(state["config"], f"{where}: config", ModelFileError)
+        history = [_history_row(row) for row in f.objects("history")]
+        if [row["epoch"] for row in history] != list(range(1, len(history) + 1)):
+            f.fail(f"{where}: the history's epochs must be 1..{len(history)} in order")
+        optimizer = f.object("optimizer")
+        optimizer.require("param_groups", "scalars")
+        optimizer.objects("param_groups")
+        optimizer.object("scalars")
+        return cls(config, history, optimizer.data)
+
+
+def _history_row(f: Fields) -> dict[str, Any]:
+    f.require(*HISTORY_COLUMNS)
+    return {"epoch": f.integer("epoch", 1), "train_loss": f.number("train_loss"),
+            "train_acc": f.number("train_acc", 0, 1), "val_loss": f.optional_number("val_loss"),
+            "val_acc": f.optional_number("val_acc", 0, 1), "lr": f.number("lr"),
+            "seconds": f.number("seconds", 0)}

@@ -57,6 +57,8 @@ from cifarlab.training.plan import (
 )
 from cifarlab.training.runfolder import (
     CHECKPOINT_KEY,
+    RESTART_HINT,
+    CheckpointState,
     claim_run_folder,
     dataset_spec,
     default_run_dir,
@@ -476,13 +478,17 @@ class Trainer:
         return atomic_save_safetensors(tensors, {CHECKPOINT_KEY: json.dumps(state)},
                                        self.run_dir / "checkpoint.safetensors")
 
-    def load_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Restore weights, optimizer, EMA and history from read_checkpoint's output."""
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.optimizer.load_state_dict(join_optimizer_state(tensors, state["optimizer"]))
-        if self.ema is not None:
-            self.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        self.history = state["history"]
+    def load_checkpoint(self, tensors: dict[str, torch.Tensor], state: CheckpointState, path: Path) -> None:
+        """Restore weights, optimizer, EMA and history from a checkpoint's tensors and state."""
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.optimizer.load_state_dict(join_optimizer_state(tensors, state.optimizer))
+            if self.ema is not None:
+                self.ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ModelFileError(f"{path}: its weights or optimizer state do not fit the run it records "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); {RESTART_HINT}") from None
+        self.history = list(state.history)
 
     def finish(self) -> TrainResult:
         last = self.history[-1] if self.history else {}
@@ -533,18 +539,15 @@ def resume(run_dir: str | Path, *, dataset: Dataset | None = None, epochs: int |
     if run_dir.is_dir() and not checkpoint.exists():
         raise CifarlabError(f"{run_dir} has no checkpoint yet: the run stopped before its first epoch "
                             "ended, so there is nothing to resume. Start it again with `cifarlab train`.")
-    tensors, state = read_checkpoint(checkpoint)
-    try:
-        cfg = TrainConfig(**state["config"])
-    except (KeyError, TypeError) as exc:
-        raise ModelFileError(f"{checkpoint}: its recorded training config is not one this cifarlab "
-                             f"version can read ({exc}); start the run again") from None
+    tensors, raw_state = read_checkpoint(checkpoint)
+    state = CheckpointState.from_dict(raw_state, str(checkpoint))
+    cfg = state.config
     if epochs is not None:
         cfg.epochs = epochs
     dataset = dataset if dataset is not None else load_run_dataset(cfg, progress)
     try:  # with torchrun, every rank reads the checkpoint (read-only)
         trainer = Trainer(cfg, dataset, checkpoint.parent, progress)
-        trainer.load_checkpoint(tensors, state)
+        trainer.load_checkpoint(tensors, state, checkpoint)
         return trainer.fit()
     finally:
         distributed.teardown()  # a no-op without torchrun
