@@ -124,8 +124,14 @@ def test_auto_with_a_budget_takes_the_widest_network_it_holds_enough_epochs_of()
     cpu = torch.device("cpu")
     fast = {"airbench-mid": 9.0, "airbench-small": 18.0}
     slow = {"airbench-mid": 1.7, "airbench-small": 3.4}
-    assert TrainConfig(time_budget=10).resolved(cpu, 100, fast.__getitem__).model == "airbench-mid"
-    assert TrainConfig(time_budget=10).resolved(cpu, 100, slow.__getitem__).model == "airbench-small"
+    on_fast = TrainConfig(time_budget=10).resolved(cpu, 100, fast.__getitem__)
+    assert (on_fast.model, on_fast.batch_size, on_fast.lr) == ("airbench-mid", 2000, 1.66)
+    # Fewer than 6 epochs: the short-run recipe (batch 500, lr scaled with it).
+    on_slow = TrainConfig(time_budget=10).resolved(cpu, 100, slow.__getitem__)
+    assert (on_slow.model, on_slow.batch_size, on_slow.lr, on_slow.filter_lr) == ("airbench-small", 500, 0.415, 0.12)
+    # A batch size the user gives is theirs, and then the recipe's lr stays whole.
+    asked = TrainConfig(time_budget=10, batch_size=1000).resolved(cpu, 100, slow.__getitem__)
+    assert (asked.batch_size, asked.lr) == (1000, 1.66)
     # A budget too short for even one epoch of the narrowest still gets it: the planner says why.
     assert TrainConfig(time_budget=1).resolved(cpu, 100, lambda model: 0.1).model == "airbench-small"
     # Up to 10 classes, a GPU, or a named model: nothing is measured.

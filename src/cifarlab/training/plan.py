@@ -65,6 +65,8 @@ class BudgetEpochs:
         self.measured: dict[str, float] = {}
 
     def __call__(self, model: str) -> float:
+        if model in self.measured:
+            return self.measured[model]
         net = create_model(model, self.num_classes).to(self.device)
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         images = torch.randn(AUTO_PROBE_IMAGES, 3, *self.image_size, device=self.device)

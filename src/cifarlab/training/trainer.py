@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from cifarlab import __version__, distributed
 from cifarlab.augment import alternating_mirror, random_translate_flip
-from cifarlab.config import MIN_MID_EPOCHS, Recipe, TrainConfig
+from cifarlab.config import MIN_MID_EPOCHS, SHORT_RUN_EPOCHS, Recipe, TrainConfig
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError, TrainingInterrupted
 from cifarlab.fileio import atomic_write
@@ -99,8 +99,10 @@ class Trainer:
         budget_epochs = self.budget_epochs(cfg, dataset)
         self.cfg = cfg.resolved(self.device, len(dataset.classes), budget_epochs)
         if budget_epochs is not None and self.progress:
-            tqdm.write(f"--model auto: {self.cfg.model} (this budget holds about {budget_epochs.describe()} "
-                       f"here; airbench-mid needs {MIN_MID_EPOCHS:g})")
+            short = f", the short-run recipe (batch {self.cfg.batch_size})" \
+                if budget_epochs(self.cfg.model) < SHORT_RUN_EPOCHS else ""
+            tqdm.write(f"--model auto: {self.cfg.model}{short} (this budget holds about {budget_epochs.describe()} "
+                       f"here; airbench-mid needs {MIN_MID_EPOCHS:g}, the batch of 2,000 {SHORT_RUN_EPOCHS:g})")
         self.dataset = dataset
         # Rank 0's default run folder on every rank (the timestamps could differ).
         self.run_dir = Path(run_dir) if run_dir else distributed.broadcast_object(default_run_dir(self.cfg, dataset))
