@@ -338,6 +338,44 @@ def cifar10_archive(path: Path, batch: bytes) -> Path:
     return path
 
 
+def _with_member(path: Path, member: str, obj: object) -> Path:
+    """The small official-format CIFAR-10 archive with one member replaced by a pickle of `obj`."""
+    from fuzz_importers import _cifar10_members, _py2_pickle
+
+    members = {**_cifar10_members(), f"cifar-10-batches-py/{member}": _py2_pickle(obj)}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+PIXELS = np.zeros((2, 3072), np.uint8)
+
+
+@pytest.mark.parametrize("member,obj,message", [
+    ("data_batch_1", {b"labels": [0.0, 1.7], b"data": PIXELS}, "'labels' should be integer class ids, got float64"),
+    ("data_batch_1", {b"labels": ["a", "b"], b"data": PIXELS}, "'labels' should be integer class ids"),
+    ("data_batch_1", {b"labels": [0, 5], b"data": PIXELS}, "'labels' should be 2 ids in [0, 3)"),
+    ("batches.meta", {b"label_names": 3}, "'label_names' should be a list of 2..10,000 class names"),
+    ("batches.meta", {b"label_names": b"abc"}, "'label_names' should be a list"),
+    ("batches.meta", {b"label_names": [b"a", 2, b"c"]}, "'label_names' should be a list"),
+    ("batches.meta", {b"label_names": [b"a", b"\xff\xfe", b"c"]}, "is not UTF-8"),
+])
+def test_official_pickle_fields_of_the_wrong_type_are_refused(tmp_path: Path, cache: Path, member: str, obj,
+                                                              message: str) -> None:
+    with pytest.raises(DataError) as info:
+        load(_with_member(tmp_path / "c10.tar.gz", member, obj), cache, verify=False)
+    assert message in str(info.value)
+
+
+def test_integral_float_labels_are_read_as_ids(tmp_path: Path, cache: Path) -> None:
+    ds = load(_with_member(tmp_path / "c10.tar.gz", "data_batch_1", {b"labels": [2.0, 1.0], b"data": PIXELS}),
+              cache, verify=False)
+    assert ds.train_y[:2].tolist() == [2, 1] and ds.train_y.dtype == np.int64
+
+
 def test_pickle_memo_bomb_is_refused(tmp_path: Path, cache: Path) -> None:
     # Found by the fuzzer: one LONG_BINPUT with index 1.26e9 made the unpickler's memo 10 GB.
     bomb = b"\x80\x02}r" + (1_260_918_385).to_bytes(4, "little") + b"."

@@ -20,6 +20,7 @@ from cifarlab.data.archives import _Tree
 from cifarlab.data.dataset import IMAGE_SIZE, Dataset
 from cifarlab.data.fetch import _md5_file
 from cifarlab.errors import ChecksumError, DataError
+from cifarlab.metrics import MAX_CLASSES
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,16 @@ def _field(batch: dict, key: str, where: str) -> Any:
 
 
 def _names(batch: dict, key: str, where: str) -> list[str]:
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in _field(batch, key, where)]
+    """Class names: a list of str or bytes (Python 2 pickles), as many as a dataset may have."""
+    names = _field(batch, key, where)
+    if not isinstance(names, (list, tuple)) or not 2 <= len(names) <= MAX_CLASSES \
+            or not all(isinstance(n, (str, bytes)) and 0 < len(n) <= 1000 for n in names):
+        raise DataError(f"{where}: {key!r} should be a list of 2..{MAX_CLASSES:,} class names (strings), got "
+                        f"{type(names).__name__} {str(names)[:60]}.")
+    try:
+        return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: {key!r} holds a name that is not UTF-8 ({exc}).") from None
 
 
 def _batch_images(batch: dict, where: str) -> np.ndarray:
@@ -187,7 +197,13 @@ def _batch_images(batch: dict, where: str) -> np.ndarray:
 
 
 def _batch_labels(batch: dict, key: str, n: int, n_classes: int, where: str) -> np.ndarray:
-    labels = np.asarray(_field(batch, key, where), dtype=np.int64)
+    raw = np.asarray(_field(batch, key, where))
+    # Integers only: a float label 1.7 would silently become class 1.
+    if raw.dtype.kind not in "iu" and not (raw.dtype.kind == "f" and np.isfinite(raw).all()
+                                           and (raw == np.round(raw)).all()):
+        raise DataError(f"{where}: {key!r} should be integer class ids, got {raw.dtype} values "
+                        f"{raw.ravel()[:5].tolist()}.")
+    labels = raw.astype(np.int64)
     if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= n_classes)):
         raise DataError(f"{where}: {key!r} should be {n} ids in [0, {n_classes}), got shape {labels.shape}.")
     return labels
