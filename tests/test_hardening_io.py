@@ -249,6 +249,25 @@ def test_resize_images_keeps_dtype_scale_and_layout() -> None:
     assert out.shape == (1, 3, 32, 32) and out.dtype == np.float32 and np.allclose(out, 0.5)
     with pytest.raises(InputError, match="size must be"):
         resize_images(x, (0, 32))
+    with pytest.raises(InputError, match="size must be 1..4096"):
+        resize_images(x, (10**6, 10**6))
+
+
+def test_resizing_works_in_bounded_chunks_and_refuses_what_would_not_fit(monkeypatch) -> None:
+    from cifarlab import imageops
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (37, 50, 40, 3), dtype=np.uint8)
+    whole = imageops.resize_images(images, (24, 24))
+    monkeypatch.setattr(imageops, "CHUNK_BYTES", 4 * 3 * 50 * 40 * 5)  # five images a chunk
+    np.testing.assert_array_equal(imageops.resize_images(images, (24, 24)), whole)  # the same, chunk by chunk
+    floats = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    np.testing.assert_allclose(imageops.resize_images(floats, (24, 24), layout="NCHW"),
+                               whole.transpose(0, 3, 1, 2) / 255, atol=1 / 255)
+    # 10,000 images at 224x224 in float32 would be 5.6 GiB: refused before anything is allocated.
+    many = np.broadcast_to(np.float32(0.5), (10_000, 32, 32, 3))
+    with pytest.raises(InputError, match=r"would take 5.6 GiB \(at most 4 GiB\); resize fewer images"):
+        imageops.resize_images(many, (224, 224))
 
 
 def write_png(path: Path, size=(32, 32)) -> Path:

@@ -16,6 +16,9 @@ from cifarlab.errors import InputError
 from cifarlab.metrics import as_array
 
 LAYOUTS = ("NHWC", "NCHW")
+MAX_SIDE = 4096  # pixels, either side of the target size
+MAX_RESIZED_BYTES = 4 * 2**30  # the resized batch: 10,000 images of 224x224x3 float32 are 5.6 GiB
+CHUNK_BYTES = 256 * 2**20  # float32 working memory per chunk of images
 
 
 def resize_images(images: Any, size: tuple[int, int] = (32, 32), *, layout: str = "NHWC") -> np.ndarray:
@@ -35,21 +38,36 @@ def resize_images(images: Any, size: tuple[int, int] = (32, 32), *, layout: str 
         raise InputError(f"expected a batch of images (N, H, W, C) or (N, C, H, W) of numbers; got shape "
                          f"{array.shape}, dtype {array.dtype}")
     height, width = _checked_size(size)
-    nchw = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if layout == "NHWC":
-        nchw = nchw.permute(0, 3, 1, 2)
-    if tuple(nchw.shape[2:]) == (height, width):
+    channels_last = layout == "NHWC"
+    n, channels = array.shape[0], array.shape[3 if channels_last else 1]
+    if tuple(array.shape[1:3] if channels_last else array.shape[2:]) == (height, width):
         return array
-    if nchw.shape[0] == 0:  # interpolate refuses empty batches
-        shape = (0, height, width, nchw.shape[1]) if layout == "NHWC" else (0, nchw.shape[1], height, width)
-        return np.zeros(shape, array.dtype)
-    out = F.interpolate(nchw, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
-    if layout == "NHWC":
-        out = out.permute(0, 2, 3, 1)
-    result = out.contiguous().numpy()
-    if array.dtype == np.uint8:
+    out_dtype = array.dtype if array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating) else np.float32
+    shape = (n, height, width, channels) if channels_last else (n, channels, height, width)
+    need = n * height * width * channels * np.dtype(out_dtype).itemsize
+    if need > MAX_RESIZED_BYTES:
+        raise InputError(f"resizing {n:,} images to {height}x{width} would take {need / 2**30:.1f} GiB (at most "
+                         f"{MAX_RESIZED_BYTES / 2**30:g} GiB); resize fewer images at a time (e.g. --max-images)")
+    out = np.zeros(shape, out_dtype)
+    # In chunks: the float32 copies torch works on stay near CHUNK_BYTES, whatever the batch.
+    per_image = 4 * channels * max(height * width, int(np.prod(array.shape[1:])) // channels)
+    step = max(1, CHUNK_BYTES // per_image)
+    for start in range(0, n, step):
+        out[start:start + step] = _resize_chunk(array[start:start + step], height, width, channels_last, out_dtype)
+    return out
+
+
+def _resize_chunk(array: np.ndarray, height: int, width: int, channels_last: bool, out_dtype: Any) -> np.ndarray:
+    nchw = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if channels_last:
+        nchw = nchw.permute(0, 3, 1, 2)
+    resized = F.interpolate(nchw, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    if channels_last:
+        resized = resized.permute(0, 2, 3, 1)
+    result = resized.contiguous().numpy()
+    if out_dtype == np.uint8:
         return np.clip(np.rint(result), 0, 255).astype(np.uint8)
-    return result.astype(array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32)
+    return result.astype(out_dtype)
 
 
 def _checked_size(size: Any) -> tuple[int, int]:
@@ -57,6 +75,6 @@ def _checked_size(size: Any) -> tuple[int, int]:
         height, width = (int(v) for v in size)
     except (TypeError, ValueError):
         raise InputError(f"size must be (height, width), got {size!r}") from None
-    if height < 1 or width < 1:
-        raise InputError(f"size must be positive, got {size!r}")
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE):
+        raise InputError(f"size must be 1..{MAX_SIDE} pixels each way, got {size!r}")
     return height, width
