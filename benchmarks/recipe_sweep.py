@@ -61,6 +61,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "batch-1000": ("small", {"batch_size": 1000, "lr": 0.83, "filter_lr": 0.17}),
     "batch-500": ("small", {"batch_size": 500, "lr": 0.415, "filter_lr": 0.12}),
     "batch-500-filter-lr-0.06": ("small", {"batch_size": 500, "lr": 0.415, "filter_lr": 0.06}),
+    "batch-500-filter-lr-0.24": ("small", {"batch_size": 500, "lr": 0.415, "filter_lr": 0.24}),
 }
 
 
