@@ -276,3 +276,24 @@ def test_cli_bad_confusion_matrix_exits_2(tmp_path, content, message):
 def test_cli_nothing_to_diagnose_exits_2():
     proc = cifarlab()
     assert proc.returncode == 2 and "nothing to diagnose" in proc.stderr
+
+
+def test_a_diagnosis_is_drawn_from_what_it_was_computed_from(tmp_path):
+    """Computing and drawing are separate: the figures come from Diagnosis.counts, on the
+    caller's demand, and diagnose(plot_dir=) only saves them."""
+    from cifarlab.diagnosis.figures import diagnosis_figures, save_diagnosis_plots
+
+    collapsed = np.zeros((10, 10), dtype=np.int64)
+    collapsed[:, 3] = 100  # every image predicted as class 3: the seed's vertical bar
+    diagnosis = diagnose(confusion=collapsed)
+    assert diagnosis.counts is not None and diagnosis.counts.predicted.tolist() == [0, 0, 0, 1000] + [0] * 6
+    figures = diagnosis_figures(diagnosis)
+    assert sorted(figures) == ["class_histogram.png", "confusion_matrix.png"]
+    assert "outlined" in figures["confusion_matrix.png"].axes[0].get_title()
+    assert list(diagnosis.to_dict()) == ["verdict", "summary", "findings", "probes"]  # JSON unchanged
+
+    without_labels = diagnose(predictions=np.full(50, 2))
+    assert without_labels.counts is not None and without_labels.counts.confusion is None
+    assert sorted(diagnosis_figures(without_labels)) == ["class_histogram.png"]
+    saved = save_diagnosis_plots(without_labels, tmp_path / "plots")
+    assert [p.name for p in saved] == ["class_histogram.png"] and saved[0].stat().st_size > 1000

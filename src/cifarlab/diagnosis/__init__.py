@@ -14,7 +14,7 @@ re-runs the model under candidate corrections (divide by 255, swap BGR, ...).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from cifarlab.diagnosis.collapse import analyze_confusion, analyze_predictions
 from cifarlab.diagnosis.input_stats import input_findings
 from cifarlab.diagnosis.inputs import as_labels, load_array
 from cifarlab.diagnosis.probes import probe_findings, run_probes
-from cifarlab.diagnosis.report import CAUSE_IDS, Diagnosis, Finding
+from cifarlab.diagnosis.report import CAUSE_IDS, ClassCounts, Diagnosis, Finding
 from cifarlab.diagnosis.train_mode import train_mode_finding
 from cifarlab.errors import CifarlabError, InputError
 from cifarlab.formats import open_model
@@ -62,15 +62,16 @@ def diagnose(*, confusion: ArrayLike | None = None, predictions: ArrayLike | Non
     elif confusion is not None:
         cm = _read_confusion(confusion)
         diagnosis = analyze_confusion(cm, class_names)
-        y_pred, y_true, names = None, None, class_names
-        if plot_dir is not None:
-            _plot(diagnosis, plot_dir, cm=cm, names=names)
-        return diagnosis
+        diagnosis.counts = ClassCounts(class_names or [str(i) for i in range(len(cm))], cm.sum(0), cm)
     else:
         raise CifarlabError("nothing to diagnose: give a confusion matrix (--confusion), predictions "
                             "(--predictions [--labels]) or a model with its inputs (--model --images/--data)")
+    if diagnosis.counts is None:
+        diagnosis.counts = class_counts(y_pred, y_true, names)
     if plot_dir is not None:
-        _plot(diagnosis, plot_dir, y_pred=y_pred, y_true=y_true, names=names)
+        from cifarlab.diagnosis.figures import save_diagnosis_plots
+
+        save_diagnosis_plots(diagnosis, plot_dir)
     return diagnosis
 
 
@@ -286,33 +287,16 @@ def _explain_symptoms(diagnosis: Diagnosis) -> None:
                 finding.detail = f"Explained by the {causes[0].id} finding above. {finding.detail}"
 
 
-def _plot(diagnosis: Diagnosis, plot_dir: str | Path, *, cm: np.ndarray | None = None,
-          y_pred: np.ndarray | None = None, y_true: np.ndarray | None = None,
-          names: list[str] | None = None) -> None:
-    """confusion_matrix.png (collapsed columns outlined) and class_histogram.png."""
+def class_counts(y_pred: np.ndarray | None, y_true: np.ndarray | None,
+                 names: list[str] | None) -> ClassCounts | None:
+    """The outputs counted per class; None where the model could not run on the inputs."""
     from cifarlab.metrics import confusion_matrix
-    from cifarlab.plots import plot_confusion_matrix, plot_prediction_histogram
 
-    if cm is None:
-        if y_pred is None:
-            return  # the model could not run on the inputs as given: nothing to draw
-        if y_true is not None:
-            cm = confusion_matrix(y_true, y_pred, len(names) if names else int(max(y_pred.max(), y_true.max()) + 1))
-    if cm is not None:
-        num_classes = cm.shape[0]
-    else:
-        num_classes = len(names) if names else int(cast(np.ndarray, y_pred).max() + 1)
+    if y_pred is None:
+        return None
+    num_classes = len(names) if names else int(max(y_pred.max(), y_true.max() if y_true is not None else 0) + 1)
     names = names or [str(i) for i in range(num_classes)]
-    collapsed = [f for f in diagnosis.findings if f.id == "prediction-collapse"]
-    highlight = diagnosis.summary.get("top_class_ids", []) if collapsed else []
-    out = Path(plot_dir)
-    verdict = f"diagnosis: {diagnosis.verdict}"
-    if cm is not None:
-        plot_confusion_matrix(cm, names, out / "confusion_matrix.png", highlight_columns=highlight,
-                              title=f"Confusion matrix ({verdict}; outlined: classes that take most predictions)"
-                              if highlight else f"Confusion matrix ({verdict})")
-        pred_counts, true_counts = cm.sum(0), cm.sum(1)
-    else:
-        pred_counts, true_counts = np.bincount(cast(np.ndarray, y_pred), minlength=num_classes), None
-    plot_prediction_histogram(true_counts, pred_counts, names, out / "class_histogram.png",
-                              title=f"How often each class is predicted vs how often it occurs ({verdict})")
+    if y_true is None:
+        return ClassCounts(names, np.bincount(y_pred, minlength=num_classes))
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    return ClassCounts(names, cm.sum(0), cm)

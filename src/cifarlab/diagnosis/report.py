@@ -17,6 +17,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 SEVERITIES = ("error", "warning", "info")
 
 # Stable ids; tools may match on them.
@@ -56,11 +58,28 @@ class Finding:
         return data
 
 
+@dataclass(frozen=True)
+class ClassCounts:
+    """The diagnosed outputs counted per class: `confusion` (true x predicted) where the labels
+    were known, else only `predicted` counts; `names` one per class."""
+
+    names: list[str]
+    predicted: np.ndarray
+    confusion: np.ndarray | None = None
+
+    @property
+    def true(self) -> np.ndarray | None:
+        return None if self.confusion is None else self.confusion.sum(1)
+
+
 @dataclass
 class Diagnosis:
     summary: dict[str, Any] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     probes: list[dict[str, Any]] = field(default_factory=list)
+    # What the findings were computed from, for drawing (cifarlab.diagnosis.figures); not in
+    # the JSON document. The matrix where labels were known, else the predicted counts alone.
+    counts: ClassCounts | None = None
 
     @property
     def verdict(self) -> str:
