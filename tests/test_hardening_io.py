@@ -570,3 +570,44 @@ def test_a_damaged_checkpoint_is_refused_with_the_field_named(finished_run, tmp_
         resume(damaged_run, dataset=ds, epochs=3, progress=False)
     assert message in str(info.value) and "start the run again" in str(info.value)
     assert not (damaged_run / "model.safetensors").exists()
+
+
+# ---- small truths: messages that say what the thing given is ---------------------------------------
+
+def test_what_was_given_is_named(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(b"x")
+    huge = tmp_path / "huge.json"
+    huge.write_text("[[" + "9" * 5000 + ", 1], [0, 1]]")  # beyond Python's 4,300-digit int limit
+    np.save(tmp_path / "empty.npy", np.zeros((0,), np.int64))
+    cases = [
+        (["evaluate", run], f"{run} is a folder, not a model file"),
+        (["predict", run, tmp_path / "x.png"], f"{run} is a folder, not a model file"),
+        (["diagnose", "--model", run, "--data", "cifar10"], f"{run} is a folder, not a model file"),
+        (["evaluate", run / "checkpoint.safetensors"], f"is a training checkpoint, not a model: continue "
+                                                        f"training with `cifarlab train --resume {run}`"),
+        (["diagnose", "--confusion", huge], "is not valid JSON"),
+        (["diagnose", "--predictions", tmp_path / "empty.npy"], "are empty (shape (0,)): there is nothing to diagnose"),
+    ]
+    for args, message in cases:
+        assert main([str(a) for a in args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    (run / "model.safetensors").write_bytes(b"x")
+    assert main(["evaluate", str(run)]) == 2
+    assert f"pass the model file inside it: {run / 'model.safetensors'}" in capsys.readouterr().err
+
+
+def test_a_damaged_onnx_metadata_field_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from cifarlab.onnx import check_onnx_meta
+
+    good = {"onnx_input": "uint8", "preprocessing": {"mean": [0, 0, 0], "std": [255, 255, 255]}, "classes": ["a", "b"]}
+    check_onnx_meta(good, tmp_path / "m.onnx")
+    for edit, message in [({"onnx_input": "int4"}, "'onnx_input' must be uint8 or float"),
+                          ({"preprocessing": {"mean": [0, 0], "std": [1, 1, 1]}}, "'mean' must be 3 per-channel"),
+                          ({"preprocessing": {"mean": [0, 0, 0], "std": [0, 1, 1]}}, "'std' must be a number in"),
+                          ({"onnx_input": "float"}, "a float-input export needs 'expected_preprocessing'"),
+                          ({"classes": "ab"}, "'classes' must be a list of strings")]:
+        with pytest.raises(ModelFileError, match=re.escape(message)):
+            check_onnx_meta({**good, **edit}, tmp_path / "m.onnx")

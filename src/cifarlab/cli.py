@@ -362,10 +362,11 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    from cifarlab.formats import open_predictor
+    from cifarlab.formats import check_model_file, open_predictor
     from cifarlab.predict import predict_files
     from cifarlab.runner import parse_preprocessing
 
+    check_model_file(args.model)
     stated = parse_preprocessing(args.preprocessing) if args.preprocessing else None
     model = open_predictor(args.model, args.data, stated)
     results = predict_files(model, args.images, top=args.top, resize=args.resize)
@@ -380,6 +381,10 @@ def run_predict(args) -> int:
 
 def run_diagnose(args) -> int:
     from cifarlab.diagnosis import diagnose
+    from cifarlab.formats import check_model_file
+
+    if args.model is not None:
+        check_model_file(args.model)
 
     with tempfile.TemporaryDirectory(prefix="cifarlab-diagnose-") as scratch:
         # The report embeds the plots the diagnosis draws (the matrix it analysed), so draw them.
@@ -409,7 +414,11 @@ def run_report(args) -> int:
 
 
 def run_export(args) -> int:
-    from cifarlab.export import export_onnx
+    from cifarlab.export import check_onnx_path, export_onnx
+    from cifarlab.formats import check_model_file
+
+    check_onnx_path(args.onnx)  # both paths before any work
+    check_model_file(args.model)
 
     info = export_onnx(args.model, args.onnx, input="float" if args.onnx_float else "uint8",
                        preprocessing=args.preprocessing, data=args.data)

@@ -50,9 +50,19 @@ def load_model(path: str | Path, device: str = "cpu") -> Any:
 
 def check_model_file(path: str | Path) -> None:
     """The cheap checks of a model file, run before anything slow (loading a dataset)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = [p.name for p in (path / "model.safetensors", path / "model.onnx") if p.is_file()]
+        hint = f"pass the model file inside it: {path / inside[0]}" if inside else \
+            "pass a model file (model.safetensors, .onnx, .keras or .h5)"
+        raise CifarlabError(f"{path} is a folder, not a model file; {hint}")
+    if path.suffix == ".safetensors" and path.name == "checkpoint.safetensors":
+        raise CifarlabError(f"{path} is a training checkpoint, not a model: continue training with "
+                            f"`cifarlab train --resume {path.parent}`, or use {path.parent / 'model.safetensors'} "
+                            "once the run has finished")
     if is_keras_file(path):
-        check_keras_file(Path(path))
-    elif not Path(path).is_file():
+        check_keras_file(path)
+    elif not path.is_file():
         raise CifarlabError(f"model file not found: {path}")
 
 

@@ -164,7 +164,7 @@ def read_h5_bounded(path: Path, member: str = "") -> dict[str, Any]:
 def _parse_config(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelFileError(f"{path}: its model config is not JSON ({exc})") from None
     if not isinstance(config, dict) or "class_name" not in config:
         raise ModelFileError(f"{path}: its model config is not a Keras model description")

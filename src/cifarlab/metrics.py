@@ -240,7 +240,7 @@ def load_confusion_json(path: Path) -> np.ndarray:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"confusion-matrix file {path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: [[[[...
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # [[[[..., 4,300+ digit ints
         raise InputError(
             f"{path} is not valid JSON ({type(exc).__name__}: {exc}); expected a list of rows like [[5, 1], [0, 7]]."
         ) from None

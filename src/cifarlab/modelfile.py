@@ -255,7 +255,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 def _json_object(text: str, path: Path, key: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, 4,300+ digit ints
         raise ModelFileError(f"{path}: the {key!r} metadata is not valid JSON ({exc}); the file was "
                              "damaged or edited. Use the original file written by cifarlab.") from None
     if not isinstance(value, dict):
@@ -297,6 +297,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
 MAX_SIDE = 4096  # pixels: a model's declared input height and width
 
 
+def check_preprocessing(pre: Fields) -> None:
+    """A preprocessing record: per-channel mean in 0..255 and std positive, in pixel units."""
+    pre.channels("mean", 0, 255)
+    pre.channels("std", 1e-6, 1e6)  # positive: preprocessing divides by it
+
+
 def _check_meta(meta: dict[str, Any], path: Path) -> None:
     """Every metadata field cifarlab relies on, checked once here (a damaged or edited file
     fails with the field named): sizes are bounded before anything is built, the
@@ -317,21 +323,12 @@ def _check_meta(meta: dict[str, Any], path: Path) -> None:
     contract.integer("height", 1, MAX_SIDE)
     contract.integer("width", 1, MAX_SIDE)
     pre = f.object("preprocessing")
-    _channel_numbers(pre, "mean", 0, 255)
-    _channel_numbers(pre, "std", 1e-6, 1e6)  # positive: preprocessing divides by it
+    check_preprocessing(pre)
     stats = f.optional_object("train_input_stats")
     if stats is not None:
         for key in ("mean", "std", "min", "max"):
-            _channel_numbers(stats, key, 0, 255)
+            stats.channels(key, 0, 255)
     f.optional_dict("metrics")
-
-
-def _channel_numbers(f: Fields, key: str, low: float, high: float) -> list[float]:
-    """Three per-channel numbers in [low, high]."""
-    values = f.data.get(key)
-    if not isinstance(values, list) or len(values) != 3:
-        f.fail(f"{f.where}: {key!r} must be 3 per-channel numbers, got {describe(values)}")
-    return [Fields({key: v}, f.where, f.hint, f.error).number(key, low, high) for v in values]
 
 
 def _build_matching(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> Classifier:

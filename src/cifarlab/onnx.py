@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from cifarlab.data import Dataset, check_class_count, resolve_dataset
-from cifarlab.errors import CifarlabError, InputError
-from cifarlab.modelfile import METADATA_KEY
+from cifarlab.errors import CifarlabError, InputError, ModelFileError
+from cifarlab.modelfile import METADATA_KEY, check_preprocessing
 from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, image_size, recorded_accuracy
+from cifarlab.schema import Fields
 
 ONNX_HINT = "pip install 'cifarlab[onnx]'"
 # One batch (500 images by default) of a CIFAR classifier runs in well under a second; a graph
@@ -62,7 +63,7 @@ def open_onnx(path: str | Path) -> ModelRunner:
                                        disabled_optimizers=["EliminateDropout"])
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise CifarlabError(f"{path} is not a loadable ONNX model: {exc}") from None
-    meta = _onnx_cifarlab_meta(session)
+    meta = _onnx_cifarlab_meta(session, path)
     spec = onnx_input_spec(session, path, meta)
     input_name = session.get_inputs()[0].name
     output = onnx_class_output(session, path)
@@ -115,12 +116,41 @@ def onnx_input_spec(session: Any, path: Path, meta: dict[str, Any] | None) -> di
             "channels": c, "preprocessing": _onnx_preprocessing(meta)}
 
 
-def _onnx_cifarlab_meta(session: Any) -> dict[str, Any] | None:
+def _onnx_cifarlab_meta(session: Any, path: Path) -> dict[str, Any] | None:
+    """The metadata cifarlab's export wrote, checked; None for a graph without it (or with
+    someone else's "cifarlab" key that is not a JSON object: a foreign model)."""
     props = session.get_modelmeta().custom_metadata_map
     try:
-        return json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
-    except json.JSONDecodeError:
-        return None  # someone else's "cifarlab" key: treat the model as foreign
+        meta = json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    check_onnx_meta(meta, path)
+    return meta
+
+
+def check_onnx_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields of the cifarlab metadata in an ONNX file that running it relies on."""
+    f = Fields(meta, f"{path}: the cifarlab metadata", "the file was damaged or edited; export it again "
+               "with `cifarlab export`", ModelFileError)
+    if f.has("onnx_input") and f.string("onnx_input") not in ("uint8", "float"):
+        f.fail(f"{f.where}: 'onnx_input' must be uint8 or float, got {meta['onnx_input']!r}")
+    for key in ("preprocessing", "expected_preprocessing"):
+        if f.has(key):
+            check_preprocessing(f.object(key))
+    if meta.get("onnx_input") == "float" and not f.has("expected_preprocessing"):
+        f.fail(f"{f.where}: a float-input export needs 'expected_preprocessing'")
+    if meta.get("onnx_input") != "float" and f.has("onnx_input") and not f.has("preprocessing"):
+        f.fail(f"{f.where}: a uint8-input export needs 'preprocessing'")
+    if f.has("classes"):
+        f.strings("classes")
+    stats = f.optional_object("train_input_stats")
+    if stats is not None:
+        for key in ("mean", "std"):
+            stats.channels(key, 0, 255)
+    f.optional_dict("dataset")
+    f.optional_dict("metrics")
 
 
 def _onnx_preprocessing(meta: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -137,9 +167,10 @@ def _onnx_classes(session: Any, meta: dict[str, Any] | None) -> list[str] | None
         return list(meta["classes"])
     raw = session.get_modelmeta().custom_metadata_map.get("classes")
     try:
-        return list(json.loads(raw)) if raw else None
-    except json.JSONDecodeError:
+        names = json.loads(raw) if raw else None
+    except (ValueError, RecursionError):
         return None
+    return list(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
 
 def onnx_class_output(session: Any, path: Path) -> Any:

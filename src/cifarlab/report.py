@@ -133,7 +133,7 @@ def _read_json(path: Path, expected: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CifarlabError(f"{path} does not exist; expected {expected}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: bad JSON, 4,300+ digit ints
         raise CifarlabError(f"{path} is not valid JSON ({exc}); expected {expected}. "
                             "Write it again with the command that made it.") from None
 

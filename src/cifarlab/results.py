@@ -255,7 +255,7 @@ class EvaluationResult(Mapping[str, Any]):
         metrics_path = folder / "metrics.json"
         try:
             data = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # also 4,300+ digit ints
             raise InputError(f"{metrics_path} is not valid JSON ({exc}); expected the metrics.json written by "
                              "`cifarlab evaluate`. Write it again with the command that made it.") from None
         cm = load_confusion_json(folder / "cm.json") if (folder / "cm.json").is_file() else None

@@ -68,6 +68,13 @@ class Fields:
     def optional_number(self, key: str, low: float = -math.inf, high: float = math.inf) -> float | None:
         return self.number(key, low, high) if self.has(key) else None
 
+    def channels(self, key: str, low: float, high: float) -> list[float]:
+        """Three per-channel numbers in [low, high] (a mean, a std, ...)."""
+        values = self.data.get(key)
+        if not isinstance(values, list) or len(values) != 3:
+            self._bad(key, "3 per-channel numbers")
+        return [Fields({key: v}, self.where, self.hint, self.error).number(key, low, high) for v in values]
+
     def integer(self, key: str, low: int = 0, high: int = 2**63 - 1) -> int:
         value = self.data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

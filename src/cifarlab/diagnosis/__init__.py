@@ -88,6 +88,10 @@ def _read_confusion(confusion: ArrayLike) -> np.ndarray:
 
 def _diagnose_predictions(predictions: ArrayLike, labels: ArrayLike | None, class_names: list[str] | None):
     outputs = _array(predictions, "predictions")
+    if outputs.size == 0:
+        where = f" in {predictions}" if isinstance(predictions, (str, Path)) else ""
+        raise InputError(f"the predictions{where} are empty (shape {outputs.shape}): there is nothing to diagnose; "
+                         "save the model's outputs for the images first")
     raw_labels = None if labels is None else _array(labels, "labels")  # may be one-hot: analysis notes it
     y_true = None if raw_labels is None else as_labels(raw_labels)[0]
     if outputs.dtype == bool or not (np.issubdtype(outputs.dtype, np.integer)
