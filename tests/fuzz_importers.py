@@ -13,6 +13,17 @@ Targets (each the public entry a user's file goes through):
   `.keras` and `.h5` files, the `.keras` config also mutated inside its zip; only where the
   ``keras`` extra is installed.
 
+Field-level targets: a valid container whose JSON document has 1-3 fields replaced by values of
+the wrong type or range (None, booleans, huge or negative numbers, NaN, long strings, empty or
+nested containers) or deleted:
+
+* ``model-meta``: a safetensors model file's cifarlab metadata, through ``load_model``;
+* ``checkpoint``: a checkpoint's state (config, history, optimizer), through
+  ``CheckpointState.from_dict``, what ``--resume`` reads before it trains;
+* ``metrics``: an evaluation's metrics.json, through ``EvaluationResult.from_dict``
+  (what ``cifarlab report`` reads);
+* ``onnx-meta``: the cifarlab metadata of an exported ONNX file, through ``check_onnx_meta``.
+
 Inputs are valid seed files mutated (bit flips, byte changes, inserted and deleted runs,
 truncation, splices with another seed). Compressed archives are also mutated *inside* the
 compression (the tar or pickle is mutated, then recompressed), so the mutations reach the
@@ -21,7 +32,7 @@ a CifarlabError; any other exception is a crash, recorded with the input that ca
 
 Run longer than the test suite does, for the numbers in docs/reliability.md:
 
-    python tests/fuzz_importers.py --seconds 600 [--seed 1] [--save-crashes DIR]
+    python tests/fuzz_importers.py --seconds 600 [--seed 1] [--targets model,metrics] [--save-crashes DIR]
 """
 
 from __future__ import annotations
@@ -66,7 +77,42 @@ def _keras_available() -> bool:
         return False
 
 
-TARGETS = ("archive", "image", "array", "cm-json", "model") + (("keras",) if _keras_available() else ())
+FIELD_TARGETS = ("model-meta", "checkpoint", "metrics", "onnx-meta")
+TARGETS = ("archive", "image", "array", "cm-json", "model") + (("keras",) if _keras_available() else ()) \
+    + FIELD_TARGETS
+
+# Values of the wrong type or range for any field.
+WRONG_VALUES: list[object] = [None, True, False, 0, -1, 1, 2**70, -(2**70), 1e308, -1e-308, float("nan"),
+                              float("inf"), "", "x" * 20_000, "NaN", [], [1, 2, 3], [[1]], ["a"] * 3, {},
+                              {"a": 1}, 0.5, 4096, 10**6]
+
+
+def _fields(doc: object, path: tuple = ()) -> list[tuple]:
+    """Every (container path, key) in a JSON document."""
+    found: list[tuple] = []
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
+    for key, value in items:
+        found.append(path + (key,))
+        found.extend(_fields(value, path + (key,)))
+    return found
+
+
+def mutate_fields(doc: object, rng: random.Random) -> object:
+    """A deep copy of `doc` with 1-3 fields replaced by a wrong value, or deleted."""
+    doc = json.loads(json.dumps(doc))
+    for _ in range(rng.randint(1, 3)):
+        paths = _fields(doc)
+        if not paths:
+            break
+        *parents, key = rng.choice(paths)
+        container = doc
+        for step in parents:
+            container = container[step]
+        if isinstance(container, dict) and rng.random() < 0.2:
+            del container[key]
+        else:
+            container[key] = rng.choice(WRONG_VALUES)
+    return doc
 
 
 @dataclass
@@ -147,6 +193,30 @@ def _model_seed() -> bytes:
         return save_model(build_classifier(meta), Path(tmp) / "m.safetensors").read_bytes()
 
 
+def _document_seeds(model_seed: bytes) -> dict[str, object]:
+    """Valid JSON documents, as cifarlab writes them, for the field-level targets."""
+    from cifarlab.config import TrainConfig
+    from cifarlab.metrics import classification_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "m.safetensors").write_bytes(model_seed)
+        model_meta = load_model(Path(tmp) / "m.safetensors").meta
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), 40)
+    metrics = {**classification_report(probs, rng.integers(0, 4, 40), list("abcd"), coarse_of_fine=[0, 0, 1, 1],
+                                       coarse_names=["x", "y"]),
+               "split": "test", "tta": None, "dataset": {"name": "d", "source": "s"},
+               "model": {"path": "m", "architecture": "airbench-small", "trained_metrics": {"val_acc": 0.5}}}
+    row = {"epoch": 1, "train_loss": 2.0, "train_acc": 0.3, "val_loss": None, "val_acc": None, "lr": 0.1,
+           "seconds": 3.0}
+    checkpoint = {"config": {**TrainConfig(model="airbench-small", epochs=2).__dict__, "plan": {"epoch_seconds": 3.0}},
+                  "history": [row, {**row, "epoch": 2}],
+                  "optimizer": {"param_groups": [{"lr": 0.1, "params": [0, 1]}], "scalars": {}}}
+    onnx_meta = {**model_meta, "onnx_input": "float",
+                 "expected_preprocessing": {"kind": "standardize", "mean": [1, 2, 3], "std": [4, 5, 6]}}
+    return {"model-meta": model_meta, "checkpoint": checkpoint, "metrics": metrics, "onnx-meta": onnx_meta}
+
+
 def _keras_seeds() -> dict[str, bytes]:
     """A small CNN (Rescaling, Conv, pooling, dropout, Dense, softmax) as .keras and .h5 bytes."""
     if "keras" not in TARGETS:
@@ -221,6 +291,7 @@ class Fuzzer:
         self.model_seed = _model_seed()
         self.keras_seeds = _keras_seeds()
         self.arrays = _array_seeds()
+        self.documents = _document_seeds(self.model_seed)
         self.report = FuzzReport()
 
     def __enter__(self) -> Fuzzer:
@@ -306,6 +377,49 @@ class Fuzzer:
 
         open_keras(path)
 
+    def _document(self, name: str) -> tuple[bytes, str]:
+        return json.dumps(mutate_fields(self.documents[name], self.rng)).encode(), ".json"
+
+    def model_meta_input(self) -> tuple[bytes, str]:
+        from safetensors import safe_open
+        from safetensors.torch import save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "m.safetensors").write_bytes(self.model_seed)
+            with safe_open(str(Path(tmp) / "m.safetensors"), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.dumps(mutate_fields(self.documents["model-meta"], self.rng))
+        return save(tensors, metadata={"cifarlab": meta}), ".safetensors"
+
+    def run_model_meta(self, path: Path) -> None:
+        load_model(path)
+
+    def checkpoint_input(self) -> tuple[bytes, str]:
+        return self._document("checkpoint")
+
+    def run_checkpoint(self, path: Path) -> None:
+        from cifarlab.training.runfolder import CheckpointState
+
+        CheckpointState.from_dict(json.loads(path.read_text()), str(path))
+
+    def metrics_input(self) -> tuple[bytes, str]:
+        return self._document("metrics")
+
+    def run_metrics(self, path: Path) -> None:
+        from cifarlab.results import EvaluationResult
+
+        EvaluationResult.from_dict(json.loads(path.read_text()), str(path))
+
+    def onnx_meta_input(self) -> tuple[bytes, str]:
+        return self._document("onnx-meta")
+
+    def run_onnx_meta(self, path: Path) -> None:
+        from cifarlab.onnx import check_onnx_meta
+
+        meta = json.loads(path.read_text())
+        if isinstance(meta, dict):  # anything else is a foreign model's key (see _onnx_cifarlab_meta)
+            check_onnx_meta(meta, path)
+
     def one(self, target: str) -> None:
         """Generate one input for `target`, run it, and record the outcome."""
         attr = target.replace("-", "_")
@@ -339,9 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-crashes", type=Path, help="write each crashing input here")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma-separated, from {', '.join(TARGETS)} (default: all; they take turns)")
     args = parser.parse_args(argv)
+    targets = tuple(args.targets.split(","))
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     with Fuzzer(args.seed) as fuzzer:
-        report = fuzzer.run(args.seconds)
+        report = fuzzer.run(args.seconds, targets)
     print(report.summary())
     for (target, kind, where), (trace, data) in report.crashes.items():
         print(f"\n--- {target}: {kind} at {where}\n{trace}")

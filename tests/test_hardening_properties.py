@@ -246,3 +246,46 @@ def test_image_folders_of_random_files(folder, resize: bool, bad_images: str) ->
     assert set(np.unique(np.concatenate([ds.train_y, ds.test_y]))) <= set(range(len(ds.classes)))
     assert len(ds.skipped) <= kinds.count("corrupt")  # a few "corrupt" byte strings decode fine
     assert len(ds.train_y) + len(ds.test_y) + len(ds.skipped) == len(kinds)
+
+
+# ---- every numeric `cifarlab train` flag --------------------------------------------------------
+
+def _numeric_train_flags() -> list[str]:
+    import dataclasses
+    import typing
+
+    from cifarlab.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)
+            and hints[f.name] in (int, float, int | None, float | None)]
+
+
+NUMERIC_FLAGS = _numeric_train_flags()
+FLAG_VALUES = st.one_of(st.integers(-(2**80), 2**80), st.floats(allow_nan=True, allow_infinity=True),
+                        st.sampled_from(["nan", "inf", "-inf", "1e400", "-0", "0x10", "", "1_000", "５"]))
+
+
+@SETTINGS
+@given(st.sampled_from(NUMERIC_FLAGS), FLAG_VALUES)
+def test_every_numeric_train_flag_is_accepted_or_refused_naming_it(name: str, value) -> None:
+    """Parsed as the CLI parses it and validated as `cifarlab train` does before any work: a
+    value is accepted, or refused with exit status 2 (argparse) or a CifarlabError naming the flag."""
+    import contextlib
+    import io as _io
+
+    from cifarlab.cli import build_parser
+    from cifarlab.config import TrainConfig
+
+    flag = "--" + name.replace("_", "-")
+    try:
+        with contextlib.redirect_stderr(_io.StringIO()):
+            args = build_parser().parse_args(["train", f"{flag}={value}"])
+    except SystemExit as exc:
+        assert exc.code == 2
+        return
+    config = TrainConfig(**{n: getattr(args, n) for n in TrainConfig.__dataclass_fields__ if hasattr(args, n)})
+    try:
+        config.validate()
+    except CifarlabError as exc:
+        assert flag in str(exc), (flag, str(exc))
