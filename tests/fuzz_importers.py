@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import gzip
 import inspect
 import io
@@ -111,7 +112,7 @@ def mutate_fields(doc: object, rng: random.Random) -> object:
         if isinstance(container, dict) and rng.random() < 0.2:
             del container[key]
         else:
-            container[key] = rng.choice(WRONG_VALUES)
+            container[key] = copy.deepcopy(rng.choice(WRONG_VALUES))  # never one list in two places
     return doc
 
 
