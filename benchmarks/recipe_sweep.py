@@ -19,7 +19,6 @@ Prints a markdown table; writes --out/recipe_sweep.csv and summary.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shlex
@@ -27,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_speed import add_hyp_flags, machine_lines, pick_device
+from train_speed import machine_lines, parse_sweep_args, pick_device
 
 from cifarlab import get_split, load_dataset
 from cifarlab.evaluation import predict_logits_tta
@@ -107,14 +106,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", type=Path, default=Path("runs/recipe-sweep"))
-    parser.add_argument("--only", help="comma-separated candidate names (default: all)")
-    add_hyp_flags(parser, HYP)  # every recipe value is a flag too
-    args = parser.parse_args()
-    HYP.update({key: getattr(args, key) for key in HYP})
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse_sweep_args(__doc__, HYP, "runs/recipe-sweep")
     dataset = load_dataset(args.data, progress=False)
     header = [*machine_lines(pick_device("auto")), f"command: python {shlex.join(sys.argv)}", ""]
     print("\n".join(header), flush=True)

@@ -21,7 +21,6 @@ Prints a markdown table; writes --out/slow_cpu.csv and summary.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -32,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from train_speed import add_hyp_flags, cpu_model
+from train_speed import cpu_model, parse_sweep_args
 
 HYP = {
     "budget": 10.0,  # minutes, the user's --time-budget
@@ -117,14 +116,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", type=Path, default=Path("runs/slow-cpu"))
-    parser.add_argument("--only", help="comma-separated candidate names (default: all)")
-    add_hyp_flags(parser, HYP)
-    args = parser.parse_args()
-    HYP.update({key: getattr(args, key) for key in HYP})
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse_sweep_args(__doc__, HYP, "runs/slow-cpu")
     epoch_s, amp = pace(args.data)
     header = [f"CPU: {cpu_model()}, emulating the AVX2-only kind: {' '.join(f'{k}={v}' for k, v in EMULATION.items())}, "
               f"taskset -c {HYP['core']}; bf16 autocast on: {amp}",

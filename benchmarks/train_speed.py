@@ -78,6 +78,20 @@ def machine_lines(device: torch.device) -> list[str]:
     return lines
 
 
+def parse_sweep_args(doc: str, hyp: dict, default_out: str) -> argparse.Namespace:
+    """The flags of a benchmark that runs named candidates: --data, --out, --only and one flag
+    per HYP value (HYP is updated from them); the output folder is made."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--only", help="comma-separated candidate names (default: all)")
+    add_hyp_flags(parser, hyp)  # every recipe value is a flag too
+    args = parser.parse_args()
+    hyp.update({key: getattr(args, key) for key in hyp})
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def add_hyp_flags(parser: argparse.ArgumentParser, hyp: dict) -> None:
     """Every value of a benchmark's HYP dict as a --flag (tuples: comma-separated), default shown."""
     for key, default in hyp.items():

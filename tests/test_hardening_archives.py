@@ -324,12 +324,11 @@ def test_bad_images_policy_is_validated(tmp_path: Path, cache: Path) -> None:
 
 # ---- pickles that would exhaust memory without running any code ------------------------------------
 
-def cifar10_archive(path: Path, batch: bytes) -> Path:
-    """An official-format CIFAR-10 tar.gz whose first training batch is `batch`."""
+def cifar10_archive(path: Path, batch: bytes, member: str = "data_batch_1") -> Path:
+    """An official-format CIFAR-10 tar.gz whose `member` (the first training batch) is `batch`."""
     from fuzz_importers import _cifar10_members
 
-    members = _cifar10_members()
-    members["cifar-10-batches-py/data_batch_1"] = batch
+    members = {**_cifar10_members(), f"cifar-10-batches-py/{member}": batch}
     with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
@@ -340,15 +339,9 @@ def cifar10_archive(path: Path, batch: bytes) -> Path:
 
 def _with_member(path: Path, member: str, obj: object) -> Path:
     """The small official-format CIFAR-10 archive with one member replaced by a pickle of `obj`."""
-    from fuzz_importers import _cifar10_members, _py2_pickle
+    from fuzz_importers import _py2_pickle
 
-    members = {**_cifar10_members(), f"cifar-10-batches-py/{member}": _py2_pickle(obj)}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return cifar10_archive(path, _py2_pickle(obj), member)
 
 
 PIXELS = np.zeros((2, 3072), np.uint8)
