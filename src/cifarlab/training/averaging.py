@@ -17,12 +17,9 @@ from cifarlab.modelfile import (
 # airbench step takes milliseconds, a full pass over the weights every step would show.
 EMA_EVERY = 5
 
-
 # airbench's lookahead and whitening-bias timing, as fractions of the run: the whitening
 # layer's bias trains for the first 30% of epochs, the lookahead average starts after them.
 WARMUP_FRACTION = 0.3
-
-
 LOOKAHEAD_EVERY = 5
 
 

@@ -17,7 +17,6 @@ from cifarlab.training.device import timed
 # and timing noise are not in it.
 PLAN_MARGIN = 1.05
 
-
 # --fit-budget: the budget is filled with whole epochs, on fewer training images where all of
 # them would leave part of an epoch unused or hold fewer than FIT_MIN_EPOCHS epochs. Measured
 # by benchmarks/fit_budget.py on CIFAR-100 at a fixed number of image-epochs: with one epoch's
@@ -26,8 +25,6 @@ PLAN_MARGIN = 1.05
 # least 4 epochs, and beyond that as many images as fit. Never fewer than
 # FIT_MIN_IMAGES_PER_CLASS per class.
 FIT_MIN_EPOCHS = 4
-
-
 FIT_MIN_IMAGES_PER_CLASS = 20
 
 
@@ -50,8 +47,6 @@ def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
 # that goes to epochs (the rest: measuring, validation, the final evaluation; 0.8-0.9 in the
 # README's 10-minute runs, 0.65-0.75 on the slow CPU kind).
 AUTO_PROBE_IMAGES = 500
-
-
 AUTO_TRAIN_SHARE = 0.8
 
 

@@ -24,8 +24,6 @@ from cifarlab.modelfile import (
 from cifarlab.schema import Fields
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-
-
 CHECKPOINT_KEY = "cifarlab-checkpoint"
 
 
