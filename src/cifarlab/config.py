@@ -237,9 +237,10 @@ MIN_MID_EPOCHS = 6.0
 # chose, the recipe's batch of 2,000 leaves few steps (3 epochs of CIFAR-100 are 75). A batch of
 # 500, with the head and bias lr scaled with it (the loss is a batch mean) and Muon's
 # fixed-size filter step cut by sqrt(4), reached 44.9% (TTA) against 37.3% in 3 epochs of
-# airbench-small on CIFAR-100 (batch 1,000: 42.7%; benchmarks/results/recipe_sweep_short.md),
-# and an epoch costs less on a CPU (107 s against 139 s on the emulated slow kind). At 9 epochs
-# and more only the batch of 2,000 was measured, so it stays there.
+# airbench-small on CIFAR-100 (batch 1,000: 42.7%) and 54.6% against 50.3% in 6
+# (benchmarks/results/recipe_sweep_short.md), and an epoch costs less on a CPU (107 s against
+# 139 s on the emulated slow kind). The gain shrinks with the epochs, and at 9 and more only
+# the batch of 2,000 was measured (66.7% in the bf16 CPU's 10 minutes), so it stays there.
 SHORT_RUN_EPOCHS = 6.0
 SHORT_RUN_RECIPE = {"batch_size": 500, "lr": 0.415, "filter_lr": 0.12}
 AUTO_CPU_CANDIDATES: tuple[tuple[str, float], ...] = (("airbench-mid", MIN_MID_EPOCHS), ("airbench-small", 0.0))

@@ -42,7 +42,7 @@ def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
 
 
 # --model auto with a time budget on a CPU: each candidate network's pace, from forward and
-# backward passes over AUTO_PROBE_IMAGES random images (about 2 s in all on the bf16 CPU, 8 s
+# backward passes over AUTO_PROBE_IMAGES random images (about 3 s in all on the bf16 CPU, 12 s
 # on the slow kind; the plan is then measured on the real step), and the share of the budget
 # that goes to epochs (the rest: measuring, validation, the final evaluation; 0.8-0.9 in the
 # README's 10-minute runs, 0.65-0.75 on the slow CPU kind).
@@ -74,7 +74,8 @@ class BudgetEpochs:
             loss.backward()
 
         step()  # warm-up: first-call allocations
-        image_s = timed(self.device, step) / AUTO_PROBE_IMAGES
+        # The faster of two: one step is short enough for a neighbour's burst to double it.
+        image_s = min(timed(self.device, step), timed(self.device, step)) / AUTO_PROBE_IMAGES
         self.measured[model] = AUTO_TRAIN_SHARE * self.budget_s / (image_s * self.train_images)
         return self.measured[model]
 
