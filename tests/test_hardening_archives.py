@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from synthetic import EPS, IMAGES, PNG, pixel_bomb_png
 
 from cifarlab.data import archives, load_dataset
@@ -429,3 +430,24 @@ def test_a_folder_file_beyond_the_size_cap_is_refused(tmp_path: Path, cache: Pat
     (root / "train" / "cat" / "big.png").write_bytes(PNG + bytes(2000))
     with pytest.raises(DataError, match="big.png holds 2,[0-9]+ bytes; files in a dataset folder are read up to 1,000"):
         load(root, cache)
+
+
+def test_a_folder_without_test_says_test_is_missing(tmp_path: Path, cache: Path) -> None:
+    for cls in ("cat", "dog"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / "train" / cls / "0.png")
+    with pytest.raises(DataError, match=r"has train/ but no test/: an ImageFolder dataset needs both"):
+        load(tmp_path / "data", cache)
+
+
+def test_class_names_are_printed_with_control_characters_escaped(tmp_path: Path, cache: Path) -> None:
+    hostile = "ca\x1b[31mt"  # a folder named with a terminal escape sequence
+    for split in ("train", "test"):
+        for cls in (hostile, "dog"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / "data" / split / cls / "0.png")
+    ds = load(tmp_path / "data", cache)
+    assert ds.classes == ["ca\\x1b[31mt", "dog"] and all(name.isprintable() for name in ds.classes)
+    names = load(_with_member(tmp_path / "c10.tar.gz", "batches.meta", {b"label_names": [b"a\x07", b"b", b"c"]}),
+                  cache, verify=False).classes
+    assert names == ["a\\x07", "b", "c"]

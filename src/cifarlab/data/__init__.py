@@ -224,6 +224,11 @@ def _detect_format(tree: _Tree) -> str:
         return "cifar10"
     if any(n.startswith("train/") for n in names) and any(n.startswith("test/") for n in names):
         return "imagefolder"
+    has_train = any(n.startswith("train/") for n in names) or tree.prefix.rstrip("/").endswith("train")
+    if has_train:
+        raise DataError(f"{tree.origin} has train/ but no test/: an ImageFolder dataset needs both, "
+                        "train/<class>/* and test/<class>/* with the same class folders. Move some images of "
+                        "each class into test/<class>/.")
     found = ", ".join(sorted({n.split("/", 1)[0] for n in names})[:10]) or "nothing"
     raise DataError(
         f"{tree.origin} is not a dataset this tool understands (found: {found}). Expected the official CIFAR "

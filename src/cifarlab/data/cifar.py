@@ -17,7 +17,7 @@ from typing import Any, cast
 import numpy as np
 
 from cifarlab.data.archives import _Tree
-from cifarlab.data.dataset import IMAGE_SIZE, Dataset
+from cifarlab.data.dataset import IMAGE_SIZE, Dataset, printable
 from cifarlab.data.fetch import _md5_file
 from cifarlab.errors import ChecksumError, DataError
 from cifarlab.metrics import MAX_CLASSES
@@ -183,7 +183,7 @@ def _names(batch: dict, key: str, where: str) -> list[str]:
         raise DataError(f"{where}: {key!r} should be a list of 2..{MAX_CLASSES:,} class names (strings), got "
                         f"{type(names).__name__} {str(names)[:60]}.")
     try:
-        return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+        return [printable(n.decode("utf-8") if isinstance(n, bytes) else n) for n in names]
     except UnicodeDecodeError as exc:
         raise DataError(f"{where}: {key!r} holds a name that is not UTF-8 ({exc}).") from None
 

@@ -39,3 +39,9 @@ class Dataset:
         if not np.array_equal(mapping[self.train_y], self.train_y_coarse):
             raise DataError(f"{self.name}: a fine label belongs to more than one coarse label in {self.source}.")
         return mapping.tolist()
+
+
+def printable(name: str) -> str:
+    """A class name from a file, with control characters escaped (a folder named with a
+    terminal escape sequence must not drive the user's terminal when it is printed)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cifarlab.choices import BAD_IMAGE_POLICIES
 from cifarlab.data.archives import _Tree
-from cifarlab.data.dataset import IMAGE_SIZE, Dataset
+from cifarlab.data.dataset import IMAGE_SIZE, Dataset, printable
 from cifarlab.errors import CifarlabError, DataError, ImageDecodeError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -64,7 +64,8 @@ def _imagefolder_from_tree(tree: _Tree, name: str, source: str, resize: bool, pr
         arrays += [x, np.array([label for _, label in files], dtype=np.int64)[ok]]
         skipped += bad
     train_x, train_y, test_x, test_y = arrays
-    return Dataset(name, train_x, train_y, test_x, test_y, classes=classes, source=source, skipped=skipped)
+    return Dataset(name, train_x, train_y, test_x, test_y, classes=[printable(c) for c in classes], source=source,
+                   skipped=skipped)
 
 
 def _class_files(tree: _Tree, split: str) -> dict[str, list[str]]:
