@@ -233,3 +233,19 @@ def test_cli_diagnose_report_shows_the_matrix_it_analysed(report_run: ReportRun,
     page = out.read_text()
     assert "<code>prediction-collapse</code>" in page
     assert "The confusion matrix the diagnosis analysed" in page and len(images_in(page)) == 2
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"verdict": "problem", "findings": [5]}, "findings[0] must hold a JSON object"),
+    ({"verdict": "problem", "findings": [{"title": ["x"]}]}, "'title' must be a string"),
+    ({"verdict": "problem", "findings": [{"evidence": [1, 2]}]}, "'evidence' must hold a JSON object"),
+    ({"verdict": "problem", "findings": [], "summary": "big"}, "'summary' must hold a JSON object"),
+    ({"verdict": "problem", "findings": [], "probes": ["as-given"]}, "probes[0] must hold a JSON object"),
+    ({"verdict": 1, "findings": []}, "'verdict' must be a string"),
+])
+def test_a_damaged_diagnosis_document_is_refused_with_the_field_named(tmp_path: Path, doc: dict, message: str) -> None:
+    (tmp_path / "d.json").write_text(json.dumps(doc))
+    with pytest.raises(CifarlabError) as info:
+        write_report(tmp_path / "r.html", evaluations=[], diagnosis=tmp_path / "d.json")
+    assert message in str(info.value) and "cifarlab diagnose ... --json" in str(info.value)
+    assert not (tmp_path / "r.html").exists()

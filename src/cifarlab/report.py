@@ -40,6 +40,7 @@ from cifarlab.plots import (
     prediction_histogram_figure,
 )
 from cifarlab.results import EVALUATE_HINT, ConfusedExamples, ConfusedPair, EvaluationResult
+from cifarlab.schema import Fields
 
 __all__ = ["write_report", "load_evaluation", "CM_SCALES"]
 
@@ -151,7 +152,23 @@ def load_diagnosis(diagnosis: str | Path | dict[str, Any] | Any) -> dict[str, An
         raise CifarlabError("the diagnosis must be the JSON document of `cifarlab diagnose ... --json` (an object "
                             f"with verdict and findings), got {_describe(doc)}; write it with "
                             "`cifarlab diagnose ... --json > diag.json`")
+    check_diagnosis_document(doc)
     return doc
+
+
+def check_diagnosis_document(doc: dict[str, Any]) -> None:
+    """The fields the report shows, each of the type it shows: text as strings, evidence and
+    summary as objects, probes as objects with a name."""
+    f = Fields(doc, "the diagnosis", "write it with `cifarlab diagnose ... --json > diag.json`")
+    f.string("verdict")
+    for finding in f.objects("findings"):
+        for key in ("id", "severity", "title", "detail", "fix"):
+            finding.optional_string(key)
+        finding.optional_dict("evidence")
+    f.optional_dict("summary")
+    if f.has("probes"):
+        for probe in f.objects("probes"):
+            probe.optional_string("name")
 
 
 def _describe(value: Any) -> str:
