@@ -136,11 +136,12 @@ def check_onnx_meta(meta: dict[str, Any], path: Path) -> None:
                "with `cifarlab export`", ModelFileError)
     if f.has("onnx_input") and f.string("onnx_input") not in ("uint8", "float"):
         f.fail(f"{f.where}: 'onnx_input' must be uint8 or float, got {meta['onnx_input']!r}")
-    for key in ("preprocessing", "expected_preprocessing"):
-        if f.has(key):
-            check_preprocessing(f.object(key))
-    if meta.get("onnx_input") == "float" and not f.has("expected_preprocessing"):
-        f.fail(f"{f.where}: a float-input export needs 'expected_preprocessing'")
+    if f.has("preprocessing"):
+        check_preprocessing(f.object("preprocessing"))
+    if meta.get("onnx_input") == "float":  # the caller applies it: its numbers are used
+        if not f.has("expected_preprocessing"):
+            f.fail(f"{f.where}: a float-input export needs 'expected_preprocessing'")
+        check_preprocessing(f.object("expected_preprocessing"))
     if meta.get("onnx_input") != "float" and f.has("onnx_input") and not f.has("preprocessing"):
         f.fail(f"{f.where}: a uint8-input export needs 'preprocessing'")
     if f.has("classes"):
