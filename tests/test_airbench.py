@@ -124,9 +124,12 @@ def test_auto_with_a_budget_takes_the_widest_network_it_holds_enough_epochs_of()
     cpu = torch.device("cpu")
     fast = {"airbench-mid": 9.0, "airbench-small": 18.0}
     slow = {"airbench-mid": 1.7, "airbench-small": 3.4}
+    # Fewer than 12 epochs: the short-run recipe (batch 500, lr scaled with it).
     on_fast = TrainConfig(time_budget=10).resolved(cpu, 100, fast.__getitem__)
-    assert (on_fast.model, on_fast.batch_size, on_fast.lr) == ("airbench-mid", 2000, 1.66)
-    # Fewer than 6 epochs: the short-run recipe (batch 500, lr scaled with it).
+    assert (on_fast.model, on_fast.batch_size, on_fast.lr) == ("airbench-mid", 500, 0.415)
+    long = {"airbench-mid": 27.0, "airbench-small": 54.0}  # the bf16 CPU's 30 minutes
+    on_long = TrainConfig(time_budget=30).resolved(cpu, 100, long.__getitem__)
+    assert (on_long.model, on_long.batch_size, on_long.lr) == ("airbench-mid", 2000, 1.66)
     on_slow = TrainConfig(time_budget=10).resolved(cpu, 100, slow.__getitem__)
     assert (on_slow.model, on_slow.batch_size, on_slow.lr, on_slow.filter_lr) == ("airbench-small", 500, 0.415, 0.12)
     # A batch size the user gives is theirs, and then the recipe's lr stays whole.
