@@ -26,6 +26,7 @@ from torch import nn
 from cifarlab.config import arch_args_problem
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
 from cifarlab.fileio import atomic_write
+from cifarlab.imageops import MAX_SIDE
 from cifarlab.metrics import MAX_CLASSES, softmax
 from cifarlab.models import create_model, get_model_spec
 from cifarlab.schema import Fields, describe
@@ -292,9 +293,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
     except RuntimeError as exc:
         raise ModelFileError(f"{path}: weights do not match architecture {meta['architecture']!r}: {exc}") from None
     return model.to(device).eval()
-
-
-MAX_SIDE = 4096  # pixels: a model's declared input height and width
 
 
 def check_preprocessing(pre: Fields) -> None:

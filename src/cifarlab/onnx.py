@@ -136,14 +136,15 @@ def check_onnx_meta(meta: dict[str, Any], path: Path) -> None:
                "with `cifarlab export`", ModelFileError)
     if f.has("onnx_input") and f.string("onnx_input") not in ("uint8", "float"):
         f.fail(f"{f.where}: 'onnx_input' must be uint8 or float, got {meta['onnx_input']!r}")
+    # The preprocessing whose numbers are used: the caller's for a float export (a uint8
+    # export's expected_preprocessing only says "none"), the graph's own otherwise.
+    used = {"float": "expected_preprocessing", "uint8": "preprocessing"}.get(meta.get("onnx_input", ""))
+    if used is not None and not f.has(used):
+        f.fail(f"{f.where}: a {meta['onnx_input']}-input export needs {used!r}")
+    if used == "expected_preprocessing":
+        check_preprocessing(f.object(used))
     if f.has("preprocessing"):
         check_preprocessing(f.object("preprocessing"))
-    if meta.get("onnx_input") == "float":  # the caller applies it: its numbers are used
-        if not f.has("expected_preprocessing"):
-            f.fail(f"{f.where}: a float-input export needs 'expected_preprocessing'")
-        check_preprocessing(f.object("expected_preprocessing"))
-    if meta.get("onnx_input") != "float" and f.has("onnx_input") and not f.has("preprocessing"):
-        f.fail(f"{f.where}: a uint8-input export needs 'preprocessing'")
     if f.has("classes"):
         f.strings("classes")
     stats = f.optional_object("train_input_stats")

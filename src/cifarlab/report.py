@@ -148,18 +148,15 @@ def load_diagnosis(diagnosis: str | Path | dict[str, Any] | Any) -> dict[str, An
     else:
         path = Path(diagnosis)
         doc = _read_json(path, "the JSON document of `cifarlab diagnose ... --json`")
-    if not isinstance(doc, dict) or not isinstance(doc.get("findings"), list) or "verdict" not in doc:
-        raise CifarlabError("the diagnosis must be the JSON document of `cifarlab diagnose ... --json` (an object "
-                            f"with verdict and findings), got {_describe(doc)}; write it with "
-                            "`cifarlab diagnose ... --json > diag.json`")
     check_diagnosis_document(doc)
     return doc
 
 
-def check_diagnosis_document(doc: dict[str, Any]) -> None:
+def check_diagnosis_document(doc: Any) -> None:
     """The fields the report shows, each of the type it shows: text as strings, evidence and
     summary as objects, probes as objects with a name."""
-    f = Fields(doc, "the diagnosis", "write it with `cifarlab diagnose ... --json > diag.json`")
+    f = Fields(doc, "the diagnosis", "it must be the document of `cifarlab diagnose ... --json > diag.json`")
+    f.require("verdict", "findings")
     f.string("verdict")
     for finding in f.objects("findings"):
         for key in ("id", "severity", "title", "detail", "fix"):
@@ -169,12 +166,6 @@ def check_diagnosis_document(doc: dict[str, Any]) -> None:
     if f.has("probes"):
         for probe in f.objects("probes"):
             probe.optional_string("name")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return f"an object with keys {', '.join(list(value)[:8]) or 'none'}"
-    return f"a JSON {type(value).__name__}"
 
 
 def _existing_file(path: str | Path | None, what: str, expected: str) -> Path | None:

@@ -246,7 +246,7 @@ class EvaluationResult(Mapping[str, Any]):
         save_confusion_json(self.confusion_matrix, out / "cm.json")
         atomic_write(out / "probs.npy", _npy(probs.astype(np.float32)), what="probabilities")
         atomic_write(out / "labels.npy", _npy(labels.astype(np.int64)), what="labels")
-        return _with_out_dir(self, out)
+        return replace(self, out_dir=out)
 
     @classmethod
     def from_folder(cls, path: str | Path) -> EvaluationResult:
@@ -259,7 +259,7 @@ class EvaluationResult(Mapping[str, Any]):
             raise InputError(f"{metrics_path} is not valid JSON ({exc}); expected the metrics.json written by "
                              "`cifarlab evaluate`. Write it again with the command that made it.") from None
         cm = load_confusion_json(folder / "cm.json") if (folder / "cm.json").is_file() else None
-        return _with_out_dir(cls.from_dict(data, str(metrics_path), cm), folder)
+        return replace(cls.from_dict(data, str(metrics_path), cm), out_dir=folder)
 
     # ---- the mapping view (metrics.json's keys, and out_dir) ----------------------------
     @cached_property
@@ -281,10 +281,6 @@ def _top_k(f: Fields, key: str) -> int:
     if not digits.isdigit():
         f.fail(f"{f.where}: {key!r} is not a top-k accuracy (topK_accuracy with K a number)")
     return int(digits)
-
-
-def _with_out_dir(result: EvaluationResult, out: Path) -> EvaluationResult:
-    return replace(result, out_dir=out)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -42,10 +42,10 @@ def plan_epochs(budget_s: float, epoch_s: float, fixed_s: float) -> int:
 
 
 # --model auto with a time budget on a CPU: each candidate network's pace, from forward and
-# backward passes over AUTO_PROBE_IMAGES random images (about 3 s in all on the bf16 CPU, 12 s
-# on the slow kind; the plan is then measured on the real step), and the share of the budget
-# that goes to epochs (the rest: measuring, validation, the final evaluation; 0.8-0.9 in the
-# README's 10-minute runs, 0.65-0.75 on the slow CPU kind).
+# backward passes over AUTO_PROBE_IMAGES random images (a warm-up and two timed passes per
+# candidate; the plan is then measured on the real step), and the share of the budget
+# that goes to epochs (the rest: measuring, validation, the final evaluation, a partial epoch:
+# epochs x seconds per epoch came to 0.65-0.89 of the 10-minute runs in benchmarks/results).
 AUTO_PROBE_IMAGES = 500
 AUTO_TRAIN_SHARE = 0.8
 
