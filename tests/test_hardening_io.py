@@ -611,3 +611,41 @@ def test_a_damaged_onnx_metadata_field_is_named(tmp_path: Path) -> None:
                           ({"classes": "ab"}, "'classes' must be a list of strings")]:
         with pytest.raises(ModelFileError, match=re.escape(message)):
             check_onnx_meta({**good, **edit}, tmp_path / "m.onnx")
+
+
+def _main_in_thread(args: list[str], seconds: float = 60) -> int:
+    """main(args)'s exit status; fails the test instead of hanging with it if main blocks."""
+    import threading
+
+    status: list[int] = []
+    worker = threading.Thread(target=lambda: status.append(main(args)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert status, f"cifarlab {' '.join(args)} did not return: it blocked on a file it should not have opened"
+    return status[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_json_and_csv_inputs_never_open_fifos_or_devices(tmp_path: Path, capsys, kind: str) -> None:
+    """`--confusion`, `report --diagnosis`, an evaluation folder's metrics.json and `--history`
+    read a pipe or a device by its type first: before, a FIFO made each of them wait forever."""
+    odd = tmp_path / "odd.json"
+    os.mkfifo(odd) if kind == "fifo" else odd.symlink_to("/dev/zero")
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "metrics.json").symlink_to(odd)
+    from cifarlab.diagnosis import diagnose
+
+    good = tmp_path / "diag.json"
+    good.write_text(diagnose(confusion=np.diag([50, 40, 45])).to_json())
+    cases = [["diagnose", "--confusion", str(odd)],
+             ["report", "--diagnosis", str(odd), "--out", str(tmp_path / "r.html")],
+             ["report", str(folder), "--out", str(tmp_path / "r.html")],
+             ["report", "--diagnosis", str(good), "--history", str(odd), "--out", str(tmp_path / "r.html")]]
+    for args in cases:
+        assert _main_in_thread(args) == 2, args
+        assert "is not a regular file (a pipe, device or socket)" in capsys.readouterr().err, args
+    from cifarlab.plots import plot_history
+
+    with pytest.raises(InputError, match="not a regular file"):
+        plot_history(odd, tmp_path / "h.png", title="t")

@@ -117,14 +117,31 @@ def test_history_single_epoch(tmp_path: Path) -> None:
     [
         ("epoch,train_loss\n1,2.0\n", "missing columns"),
         (HEADER, "no epochs"),
-        (HEADER + "1,abc,0.3,,,0.1,5\n", "line 2: column 'train_loss' must be a number, got 'abc'"),
+        (HEADER + "1,abc,0.3,,,0.1,5\n", "line 2: 'train_loss' must be a number \\(finite\\), got str 'abc'"),
+        # Cells that parse as floats but are no history (before, drawn without a word):
+        (HEADER + "1,nan,0.3,,,0.1,5\n", "line 2: 'train_loss' must be a number \\(finite\\), got float nan"),
+        (HEADER + "1,2.0,inf,,,0.1,5\n", "line 2: 'train_acc' must be a number in \\[0, 1\\]"),
+        (HEADER + "1,2.0,5,,,0.1,5\n", "'train_acc' must be a number in \\[0, 1\\]"),
+        (HEADER + "1.5,2.0,0.3,,,0.1,5\n", "'epoch' must be an integer"),
+        (HEADER + "2,2.0,0.3,,,0.1,5\n1,2.0,0.3,,,0.1,5\n", "epochs must be 1..2 in order, got 2, 1"),
+        (HEADER + "1,2.0\n", "line 2 has 2 cells, the header 7"),
+        # Tracebacks before: csv.Error (a field over 128 KiB) and UnicodeDecodeError.
+        (HEADER + "1," + "9" * 200_000 + ",0.3,,,0.1,5\n", "line 2: not CSV .field larger than field limit"),
+        (HEADER.encode() + b"1,2.0,0.3,,,0.1,5\n\xff\xfe\n", "is not UTF-8 text"),
     ],
 )
-def test_history_bad_csv(tmp_path: Path, content: str, message: str) -> None:
+def test_history_bad_csv(tmp_path: Path, content: str | bytes, message: str) -> None:
     csv_path = tmp_path / "h.csv"
-    csv_path.write_text(content)
+    csv_path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(InputError, match=message):
         plot_history(csv_path, tmp_path / "h.png", title="t")
+
+
+def test_history_that_is_not_a_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="is a folder; pass the history.csv"):
+        plot_history(tmp_path, tmp_path / "h.png", title="t")
+    with pytest.raises(InputError, match="does not exist; pass the history.csv"):
+        plot_history(tmp_path / "none.csv", tmp_path / "h.png", title="t")
 
 
 def red_pixels(path: Path) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from cifarlab.errors import InputError
 from cifarlab.fileio import atomic_write
+from cifarlab.schema import read_json_file
 
 __all__ = [
     "confusion_matrix",
@@ -236,14 +237,7 @@ def _parse_count(value: Any, row: int, col: int, path: Path) -> int:
 def load_confusion_json(path: Path) -> np.ndarray:
     """Read a confusion matrix written as a JSON list of rows (see ``save_confusion_json``)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"confusion-matrix file {path} does not exist.") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # [[[[..., 4,300+ digit ints
-        raise InputError(
-            f"{path} is not valid JSON ({type(exc).__name__}: {exc}); expected a list of rows like [[5, 1], [0, 7]]."
-        ) from None
+    data = read_json_file(path, "a confusion matrix as a JSON list of rows like [[5, 1], [0, 7]]")
     if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
         raise InputError(
             f"{path} must hold a JSON list of rows like [[5, 1], [0, 7]], got {type(data).__name__} "

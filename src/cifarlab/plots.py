@@ -12,7 +12,6 @@ close, and safe to call from worker threads or tests.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import textwrap
@@ -29,6 +28,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from cifarlab.errors import InputError
+from cifarlab.history import HISTORY_COLUMNS, read_history
 from cifarlab.metrics import as_count_matrix
 
 __all__ = ["confusion_matrix_figure", "history_figure", "per_class_accuracy_figure", "plot_confusion_matrix",
@@ -45,7 +45,6 @@ _LABEL_MAX_CLASSES = 120
 # minutes. `cifarlab diagnose` accepts up to metrics.MAX_CLASSES classes.
 _MAX_DRAWN_SIDE = 500
 _DPI = 150
-_HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
 def png_bytes(fig: Figure) -> bytes:
@@ -301,39 +300,6 @@ def per_class_accuracy_figure(accuracy: np.ndarray, class_names: list[str], *, t
 # --------------------------------------------------------------------------- #
 
 
-def _parse_float(text: str, column: str, line: int, path: Path) -> float:
-    """A CSV cell as float; an empty cell (no validation that epoch) becomes NaN."""
-    if text is None or text.strip() == "":
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        raise InputError(f"{path}, line {line}: column {column!r} must be a number, got {text!r}.") from None
-
-
-def _read_history(path: Path) -> dict[str, np.ndarray]:
-    """The history CSV as one float array per column (NaN where a cell is empty)."""
-    path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in _HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise InputError(
-                    f"{path} is missing columns {missing}; expected a header "
-                    f"{','.join(_HISTORY_COLUMNS)} as written by training."
-                )
-            rows = [
-                {c: _parse_float(row[c], c, reader.line_num, path) for c in _HISTORY_COLUMNS}
-                for row in reader
-            ]
-    except FileNotFoundError:
-        raise InputError(f"history file {path} does not exist.") from None
-    if not rows:
-        raise InputError(f"{path} has a header but no epochs; train for at least one epoch first.")
-    return {c: np.array([r[c] for r in rows]) for c in _HISTORY_COLUMNS}
-
-
 def _plot_pair(ax: Axes, epochs: np.ndarray, train: np.ndarray, val: np.ndarray, ylabel: str) -> None:
     # Markers keep a single-epoch run visible (a one-point line draws nothing).
     ax.plot(epochs, train, marker="o", markersize=3, label="train")
@@ -350,17 +316,17 @@ def _plot_pair(ax: Axes, epochs: np.ndarray, train: np.ndarray, val: np.ndarray,
 
 
 def plot_history(history_csv: Path, path: Path, *, title: str) -> Path:
-    """``history_figure`` saved as a PNG at ``path``; returns ``path``."""
-    return save_png(history_figure(history_csv, title=title), path)
+    """``history_figure`` of a run's history.csv saved as a PNG at ``path``; returns ``path``."""
+    return save_png(history_figure(read_history(history_csv), title=title), path)
 
 
-def history_figure(history_csv: Path, *, title: str, axes: tuple[Axes, Axes] | None = None) -> Figure:
-    """Loss and accuracy vs epoch from a training-history CSV, on two axes (the caller's or new).
-
-    The CSV has columns ``epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds``;
-    validation cells may be empty, in which case only training curves are drawn.
+def history_figure(history: list[dict[str, Any]], *, title: str, axes: tuple[Axes, Axes] | None = None) -> Figure:
+    """Loss and accuracy vs epoch from a training history (``cifarlab.history.read_history``),
+    on two axes (the caller's or new). Validation cells may be None (validation did not run
+    that epoch); where none has it, only the training curves are drawn.
     """
-    h = _read_history(history_csv)
+    h = {c: np.array([math.nan if row[c] is None else row[c] for row in history], dtype=float)
+         for c in HISTORY_COLUMNS}
     if axes is None:
         fig = Figure(figsize=(11.0, 4.5), layout="constrained")
         loss_ax, acc_ax = fig.subplots(1, 2)

@@ -31,6 +31,7 @@ from PIL import Image
 from cifarlab import __version__
 from cifarlab.choices import CM_SCALES
 from cifarlab.errors import CifarlabError
+from cifarlab.history import read_history
 from cifarlab.metrics import most_confused_pairs
 from cifarlab.plots import (
     confusion_matrix_figure,
@@ -40,7 +41,7 @@ from cifarlab.plots import (
     prediction_histogram_figure,
 )
 from cifarlab.results import EVALUATE_HINT, ConfusedExamples, ConfusedPair, EvaluationResult
-from cifarlab.schema import Fields
+from cifarlab.schema import Fields, read_json_file
 
 __all__ = ["write_report", "load_evaluation", "CM_SCALES"]
 
@@ -98,14 +99,14 @@ def write_report(out: str | Path, *, evaluations: list[str | Path | dict[str, An
     if not evals and diag is None:
         raise CifarlabError("nothing to report: give at least one evaluation folder (" + EVALUATE_HINT
                             + ") or a diagnosis (`cifarlab diagnose ... --json > diag.json`)")
-    history_path = _existing_file(history, "history", "a history.csv written by `cifarlab train`")
+    history_rows = read_history(history) if history is not None else None
     title = title or "cifarlab report — " + (" vs ".join(e.label for e in evals) or "diagnosis")
     canvas = Canvas()
     sections = [
         headline_section(evals),
         diagnosis_section(diag, canvas, diagnosis_plots) if diag is not None else "",
         *evaluation_sections(evals, canvas, cm_scale, mask_diagonal),
-        history_section(history_path, canvas) if history_path else "",
+        history_section(Path(history), history_rows, canvas) if history is not None and history_rows else "",
     ]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,16 +130,6 @@ def load_evaluation(item: str | Path | dict[str, Any] | EvaluationResult) -> Eva
     return Evaluation(result.label or (folder.name if folder else "evaluation"), result, examples)
 
 
-def _read_json(path: Path, expected: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CifarlabError(f"{path} does not exist; expected {expected}") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: bad JSON, 4,300+ digit ints
-        raise CifarlabError(f"{path} is not valid JSON ({exc}); expected {expected}. "
-                            "Write it again with the command that made it.") from None
-
-
 def load_diagnosis(diagnosis: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
     """The `cifarlab diagnose --json` document from a path, a dict or a Diagnosis object."""
     if hasattr(diagnosis, "to_json"):  # a Diagnosis; through JSON so numpy evidence becomes plain
@@ -147,7 +138,7 @@ def load_diagnosis(diagnosis: str | Path | dict[str, Any] | Any) -> dict[str, An
         doc = diagnosis
     else:
         path = Path(diagnosis)
-        doc = _read_json(path, "the JSON document of `cifarlab diagnose ... --json`")
+        doc = read_json_file(path, "the JSON document of `cifarlab diagnose ... --json`", CifarlabError)
     check_diagnosis_document(doc)
     return doc
 
@@ -166,15 +157,6 @@ def check_diagnosis_document(doc: Any) -> None:
     if f.has("probes"):
         for probe in f.objects("probes"):
             probe.optional_string("name")
-
-
-def _existing_file(path: str | Path | None, what: str, expected: str) -> Path | None:
-    if path is None:
-        return None
-    path = Path(path)
-    if not path.is_file():
-        raise CifarlabError(f"{what} file {path} does not exist; expected {expected}. Check the path.")
-    return path
 
 
 # ---- figures ------------------------------------------------------------------------------
@@ -367,8 +349,8 @@ def example_cells(e: Evaluation, pair: ConfusedPair) -> str:
         for i in chosen)
 
 
-def history_section(path: Path, canvas: Canvas) -> str:
-    uri = canvas.draw(history_figure, path, title=f"Training history of {path.parent.name or path.name}")
+def history_section(path: Path, rows: list[dict[str, Any]], canvas: Canvas) -> str:
+    uri = canvas.draw(history_figure, rows, title=f"Training history of {path.parent.name or path.name}")
     return section("Training curves", img(uri, f"loss and accuracy per epoch from {path}"), f"from {path}")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from cifarlab.errors import InputError
 from cifarlab.fileio import atomic_write
 from cifarlab.metrics import MAX_CLASSES, as_count_matrix, load_confusion_json, save_confusion_json
-from cifarlab.schema import Fields
+from cifarlab.schema import Fields, read_json_file
 
 EVALUATE_HINT = "run `cifarlab evaluate MODEL --out DIR` and pass DIR"
 
@@ -253,11 +253,7 @@ class EvaluationResult(Mapping[str, Any]):
         """The record of an evaluation folder (or of its metrics.json)."""
         folder = _evaluation_folder(Path(path))
         metrics_path = folder / "metrics.json"
-        try:
-            data = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # also 4,300+ digit ints
-            raise InputError(f"{metrics_path} is not valid JSON ({exc}); expected the metrics.json written by "
-                             "`cifarlab evaluate`. Write it again with the command that made it.") from None
+        data = read_json_file(metrics_path, "the metrics.json written by `cifarlab evaluate`")
         cm = load_confusion_json(folder / "cm.json") if (folder / "cm.json").is_file() else None
         return replace(cls.from_dict(data, str(metrics_path), cm), out_dir=folder)
 
@@ -316,7 +312,7 @@ def _evaluation_folder(path: Path) -> Path:
     if not path.is_dir():
         raise InputError(f"{path} is a file, not an evaluation folder; expected the folder written by "
                          f"`cifarlab evaluate` (metrics.json, cm.json, ...): {EVALUATE_HINT}")
-    if not (path / "metrics.json").is_file():
+    if not (path / "metrics.json").exists():
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         raise InputError(f"{path} has no metrics.json (it holds: {found}); expected a folder written by "
                          f"`cifarlab evaluate`: {EVALUATE_HINT}")

@@ -8,13 +8,39 @@ bounded so that a hostile document cannot make the reader's work grow without li
 
 from __future__ import annotations
 
+import json
 import math
+import stat
+from pathlib import Path
 from typing import Any, NoReturn
 
 from cifarlab.errors import InputError
 
 MAX_STRING = 10_000  # characters in one name or label
 MAX_ITEMS = 1_000_000  # entries in one list (a 1,000-class matrix's rows, per-class rows, ...)
+MAX_JSON_BYTES = 2**30  # a 10,000-class cm.json of 8-digit counts is about 0.9 GiB
+
+
+def read_json_file(path: Path, expected: str, error: type[Exception] = InputError) -> Any:
+    """The JSON value in `path`, a regular file of at most MAX_JSON_BYTES: a FIFO or a device
+    (which would block or never end) is refused by its type before it is opened, and
+    damaged JSON, non-UTF-8 text, nesting beyond Python's recursion limit and integers
+    beyond its 4,300-digit limit are all one error naming the file and what was `expected`."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise error(f"{path} does not exist; expected {expected}. Check the path.") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, device or socket)"
+        raise error(f"{path} is {kind}; expected {expected}.")
+    if info.st_size > MAX_JSON_BYTES:
+        raise error(f"{path} holds {info.st_size:,} bytes, more than the {MAX_JSON_BYTES:,} a JSON "
+                    f"input may; expected {expected}.")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # ValueError: JSON, UTF-8 and 4,300+ digit ints
+        raise error(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); expected "
+                    f"{expected}. Write it again with the command that made it.") from None
 
 
 def describe(value: Any, limit: int = 40) -> str:
@@ -62,7 +88,7 @@ class Fields:
         value = self.data.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not low <= value <= high:
-            self._bad(key, f"a number in [{low:g}, {high:g}]")
+            self._bad(key, "a number (finite)" if (low, high) == (-math.inf, math.inf) else f"a number in [{low:g}, {high:g}]")
         return float(value)
 
     def optional_number(self, key: str, low: float = -math.inf, high: float = math.inf) -> float | None:

@@ -11,6 +11,7 @@ What a run is (the request `TrainConfig`, the resolved `Recipe`) lives in cifarl
 """
 
 from cifarlab.config import Recipe, TrainConfig
+from cifarlab.history import HISTORY_COLUMNS
 from cifarlab.training.averaging import EMA_EVERY, LOOKAHEAD_EVERY, WARMUP_FRACTION, Lookahead, WeightEMA
 from cifarlab.training.device import bf16_is_fast, pick_device, timed
 from cifarlab.training.optimizer import OPTIMIZERS, SCHEDULES, lr_at, make_optimizer, parameter_groups
@@ -24,7 +25,6 @@ from cifarlab.training.plan import (
 )
 from cifarlab.training.runfolder import (
     CHECKPOINT_KEY,
-    HISTORY_COLUMNS,
     RUN_FILES,
     claim_run_folder,
     default_run_dir,

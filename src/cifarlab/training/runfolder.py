@@ -4,8 +4,6 @@ checkpoint's tensors plus JSON state (config, history, optimizer), with no pickl
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,12 +16,12 @@ import torch
 from cifarlab.config import Recipe, TrainConfig
 from cifarlab.data import Dataset
 from cifarlab.errors import InputError, ModelFileError
+from cifarlab.history import epochs_in_order, history_row
 from cifarlab.modelfile import (
     read_safetensors,
 )
 from cifarlab.schema import Fields
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 CHECKPOINT_KEY = "cifarlab-checkpoint"
 
 
@@ -93,22 +91,6 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, json.loads(metadata[CHECKPOINT_KEY])
 
 
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def history_csv(history: list[dict[str, Any]]) -> bytes:
-    """history.csv: one row per epoch, HISTORY_COLUMNS, empty cells for what was not measured."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=HISTORY_COLUMNS)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
-    return text.getvalue().encode()
-
-
 RESTART_HINT = "the checkpoint was damaged or edited; start the run again with `cifarlab train`"
 
 
@@ -126,19 +108,11 @@ class CheckpointState:
         f = Fields(state, where, RESTART_HINT, ModelFileError)
         f.require("config", "history", "optimizer")
         config = TrainConfig.from_dict(state["config"], f"{where}: config", ModelFileError)
-        history = [_history_row(row) for row in f.objects("history")]
-        if [row["epoch"] for row in history] != list(range(1, len(history) + 1)):
+        history = [history_row(row) for row in f.objects("history")]
+        if not epochs_in_order(history):
             f.fail(f"{where}: the history's epochs must be 1..{len(history)} in order")
         optimizer = f.object("optimizer")
         optimizer.require("param_groups", "scalars")
         optimizer.objects("param_groups")
         optimizer.object("scalars")
         return cls(config, history, optimizer.data)
-
-
-def _history_row(f: Fields) -> dict[str, Any]:
-    f.require(*HISTORY_COLUMNS)
-    return {"epoch": f.integer("epoch", 1), "train_loss": f.number("train_loss"),
-            "train_acc": f.number("train_acc", 0, 1), "val_loss": f.optional_number("val_loss"),
-            "val_acc": f.optional_number("val_acc", 0, 1), "lr": f.number("lr"),
-            "seconds": f.number("seconds", 0)}

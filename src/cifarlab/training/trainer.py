@@ -37,6 +37,7 @@ from cifarlab.config import MIN_MID_EPOCHS, SHORT_RUN_EPOCHS, Recipe, TrainConfi
 from cifarlab.data import Dataset, get_split, load_dataset, split_indices, split_info
 from cifarlab.errors import CifarlabError, ModelFileError, TrainingInterrupted
 from cifarlab.fileio import atomic_write
+from cifarlab.history import history_csv
 from cifarlab.modelfile import (
     Classifier,
     atomic_save_safetensors,
@@ -62,7 +63,6 @@ from cifarlab.training.runfolder import (
     claim_run_folder,
     dataset_spec,
     default_run_dir,
-    history_csv,
     join_optimizer_state,
     read_checkpoint,
     split_optimizer_state,
