@@ -22,6 +22,10 @@ nested containers) or deleted:
   ``CheckpointState.from_dict``, what ``--resume`` reads before it trains;
 * ``metrics``: an evaluation's metrics.json, through ``EvaluationResult.from_dict``
   (what ``cifarlab report`` reads);
+* ``history``: a run's history.csv, its cells replaced or its bytes mutated, through
+  ``read_history`` (what ``cifarlab report --history`` reads);
+* ``diagnosis``: the ``cifarlab diagnose --json`` document, through ``load_diagnosis`` and the
+  report's HTML of it;
 * ``onnx-meta``: the cifarlab metadata of an exported ONNX file, through ``check_onnx_meta``.
 
 Inputs are valid seed files mutated (bit flips, byte changes, inserted and deleted runs,
@@ -78,7 +82,7 @@ def _keras_available() -> bool:
         return False
 
 
-FIELD_TARGETS = ("model-meta", "checkpoint", "metrics", "onnx-meta")
+FIELD_TARGETS = ("model-meta", "checkpoint", "metrics", "onnx-meta", "history", "diagnosis")
 TARGETS = ("archive", "image", "array", "cm-json", "model") + (("keras",) if _keras_available() else ()) \
     + FIELD_TARGETS
 
@@ -121,6 +125,7 @@ class FuzzReport:
     inputs: collections.Counter = field(default_factory=collections.Counter)  # per target
     refused: collections.Counter = field(default_factory=collections.Counter)  # CifarlabError, per target
     crashes: dict[tuple[str, str, str], tuple[str, bytes]] = field(default_factory=dict)  # key -> (trace, input)
+    spent: collections.Counter = field(default_factory=collections.Counter)  # seconds, per target
     seconds: float = 0.0
 
     @property
@@ -128,7 +133,8 @@ class FuzzReport:
         return sum(self.inputs.values())
 
     def summary(self) -> str:
-        per = ", ".join(f"{t} {self.inputs[t]:,} ({self.refused[t]:,} refused)" for t in TARGETS)
+        per = ", ".join(f"{t} {self.inputs[t]:,} in {self.spent[t]:.0f} s ({self.refused[t]:,} refused)"
+                        for t in TARGETS if self.inputs[t])
         return (f"{self.total:,} inputs in {self.seconds:.0f} s: {per}; "
                 f"{len(self.crashes)} distinct crashes")
 
@@ -215,7 +221,13 @@ def _document_seeds(model_seed: bytes) -> dict[str, object]:
                   "optimizer": {"param_groups": [{"lr": 0.1, "params": [0, 1]}], "scalars": {}}}
     onnx_meta = {**model_meta, "onnx_input": "float",
                  "expected_preprocessing": {"kind": "standardize", "mean": [1, 2, 3], "std": [4, 5, 6]}}
-    return {"model-meta": model_meta, "checkpoint": checkpoint, "metrics": metrics, "onnx-meta": onnx_meta}
+    from cifarlab.diagnosis import diagnose
+
+    collapsed = np.zeros((4, 4), int)
+    collapsed[:, 1] = 25  # every class predicted as one: findings with evidence and a fix
+    diagnosis = json.loads(diagnose(confusion=collapsed, class_names=list("abcd")).to_json())
+    return {"model-meta": model_meta, "checkpoint": checkpoint, "metrics": metrics, "onnx-meta": onnx_meta,
+            "history": checkpoint["history"], "diagnosis": diagnosis}
 
 
 def _keras_seeds() -> dict[str, bytes]:
@@ -421,9 +433,34 @@ class Fuzzer:
         if isinstance(meta, dict):  # anything else is a foreign model's key (see _onnx_cifarlab_meta)
             check_onnx_meta(meta, path)
 
+    def history_input(self) -> tuple[bytes, str]:
+        """Half the time the rows' cells replaced or deleted, half the CSV's bytes mutated."""
+        from cifarlab.history import history_csv
+
+        rows = mutate_fields(self.documents["history"], self.rng)
+        try:
+            text = history_csv(rows)  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):  # a row deleted or no longer an object
+            text = history_csv(self.documents["history"])
+        return (text if self.rng.random() < 0.5 else mutate(text, self.rng)), ".csv"
+
+    def run_history(self, path: Path) -> None:
+        from cifarlab.history import read_history
+
+        read_history(path)
+
+    def diagnosis_input(self) -> tuple[bytes, str]:
+        return self._document("diagnosis")
+
+    def run_diagnosis(self, path: Path) -> None:
+        from cifarlab.report import Canvas, diagnosis_section, load_diagnosis
+
+        diagnosis_section(load_diagnosis(path), Canvas(), None)  # the HTML the report makes of it
+
     def one(self, target: str) -> None:
         """Generate one input for `target`, run it, and record the outcome."""
         attr = target.replace("-", "_")
+        start = time.perf_counter()
         data, suffix = getattr(self, f"{attr}_input")()
         path = self.tmp / f"fuzz{suffix}"
         path.write_bytes(data)
@@ -438,6 +475,8 @@ class Fuzzer:
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             key = (target, type(exc).__name__, f"{Path(frame.filename).name}:{frame.lineno}")
             self.report.crashes.setdefault(key, (traceback.format_exc(), data))
+        finally:
+            self.report.spent[target] += time.perf_counter() - start
 
     def run(self, seconds: float, targets: tuple[str, ...] = TARGETS) -> FuzzReport:
         start = time.perf_counter()
