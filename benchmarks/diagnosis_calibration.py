@@ -90,8 +90,8 @@ def snapshot(trainer: Trainer, path: Path) -> None:
     """The model as it is after this epoch, saved as `finish` would save it."""
     model = copy.deepcopy(trainer.eval_model).to(memory_format=torch.contiguous_format).eval()
     last = trainer.history[-1]
-    model.meta["metrics"] = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-    model.meta["metrics"]["epochs"] = len(trainer.history)
+    metrics = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    model.meta = model.meta.with_training(metrics={**metrics, "epochs": len(trainer.history)})
     save_model(model, path)
 
 

@@ -207,7 +207,7 @@ def _document_seeds(model_seed: bytes) -> dict[str, object]:
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "m.safetensors").write_bytes(model_seed)
-        model_meta = load_model(Path(tmp) / "m.safetensors").meta
+        model_meta = load_model(Path(tmp) / "m.safetensors").meta.to_dict()
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), 40)
     metrics = {**classification_report(probs, rng.integers(0, 4, 40), list("abcd"), coarse_of_fine=[0, 0, 1, 1],

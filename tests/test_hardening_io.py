@@ -170,7 +170,7 @@ def test_download_on_a_full_disk_keeps_the_partial_file_and_resumes(server, tmp_
 def damaged(tmp_path: Path, edit) -> Path:
     """The tiny model's weights with its metadata JSON changed by `edit` (dict -> dict or str)."""
     model = tiny_classifier()
-    meta = edit(json.loads(json.dumps(model.meta)))
+    meta = edit(json.loads(json.dumps(model.meta.to_dict())))
     path = tmp_path / f"{uuid.uuid4().hex}.safetensors"
     text = meta if isinstance(meta, str) else json.dumps(meta)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={METADATA_KEY: text})
@@ -192,6 +192,41 @@ def damaged(tmp_path: Path, edit) -> Path:
 def test_damaged_metadata_is_refused_without_building_anything(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(ModelFileError, match=message):
         load_model(damaged(tmp_path, edit))
+
+
+SPLIT = {"method": "stratified", "seed": 0, "val_fraction": 0.1, "n_train": 9, "n_val": 1, "val_indices_sha256": "0"}
+
+
+@pytest.mark.parametrize("edit,message", [
+    # Each of these was read only later, by evaluate or diagnose, and was a traceback there:
+    (lambda m: {**m, "dataset": 5}, "'dataset' must hold a JSON object, got int 5"),  # AttributeError
+    (lambda m: {**m, "split": "x"}, "'split' must hold a JSON object"),  # AttributeError (--split val)
+    (lambda m: {**m, "split": {"n_val": "3"}}, "'split' lacks seed, val_fraction, n_train"),  # KeyError
+    (lambda m: {**m, "split": {**SPLIT, "val_fraction": 2}}, "'val_fraction' must be a number in"),
+    (lambda m: {**m, "metrics": {"val_acc": "high"}}, "'val_acc' must be a number in \\[0, 1\\]"),  # ValueError
+    # ... or was blamed on the labels ("check the label encoding") instead of the file:
+    (lambda m: {**m, "coarse_classes": ["x"], "coarse_of_fine": [99, 0, 0]}, "'coarse_of_fine' must hold one"),
+    (lambda m: {**m, "coarse_classes": ["x"], "coarse_of_fine": "ab"}, "'coarse_of_fine' must hold one"),
+    (lambda m: {**m, "coarse_classes": ["x"]}, "lacks coarse_of_fine"),
+])
+def test_damaged_provenance_fields_are_refused_on_load(tmp_path: Path, edit, message: str, capsys) -> None:
+    """dataset, split, metrics and the coarse map are checked with the rest of the metadata,
+    not by the command that happens to use them first."""
+    path = damaged(tmp_path, edit)
+    with pytest.raises(ModelFileError, match=message):
+        load_model(path)
+    assert main(["evaluate", str(path), "--data", "cifar10"]) == 2
+    assert "the file was damaged or edited" in capsys.readouterr().err
+
+
+def test_a_model_file_reads_back_as_the_record_it_was_written_from(tmp_path: Path) -> None:
+    model = tiny_classifier()
+    meta = model.meta.with_training(split=SPLIT, metrics={"val_acc": 0.5, "epochs": 3}, recipe={"lr": 0.1})
+    model.meta = meta
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors")).meta
+    assert loaded == meta and loaded.split == SPLIT and loaded.metrics == {"val_acc": 0.5, "epochs": 3}
+    assert isinstance(loaded.metrics["epochs"], int)  # counts stay integers
+    assert loaded.image_size == (32, 32) and loaded.preprocessing.std == tuple(STATS["std"])
 
 
 def test_a_huge_architecture_in_the_metadata_is_never_allocated(tmp_path: Path) -> None:

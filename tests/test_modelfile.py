@@ -30,7 +30,7 @@ def test_save_load_round_trip(tmp_path, architecture):
     loaded = load_model(path)
     assert not loaded.training
     np.testing.assert_array_equal(loaded.predict_logits(IMAGES), model.predict_logits(IMAGES))
-    assert loaded.meta == json.loads(json.dumps(model.meta))
+    assert loaded.meta == json.loads(json.dumps(model.meta.to_dict())) == model.meta
     assert loaded.meta["input"] == {"dtype": "uint8", "layout": "NHWC", "channels": "RGB",
                                     "height": 32, "width": 32, "range": [0, 255]}
 

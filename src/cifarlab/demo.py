@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from cifarlab.diagnosis import Diagnosis, diagnose
 from cifarlab.errors import ChecksumError, CifarlabError, DataError
 from cifarlab.evaluation import evaluate
 from cifarlab.modelfile import Classifier, Preprocess
+from cifarlab.modelmeta import Preprocessing
 from cifarlab.results import EvaluationResult
 from cifarlab.text import plural
 from cifarlab.training import FIT_MIN_EPOCHS, TrainConfig, TrainResult, train
@@ -159,8 +161,8 @@ def unit_scale_preprocess(model: Classifier) -> Preprocess:
     mean / 255 and std / 255). For a `scale` model (mean 0, std 255) this is the identity:
     the bare network on 0..1 pixels, exactly the seed's Keras model.
     """
-    pre = model.meta["preprocessing"]
-    return Preprocess([m / 255 for m in pre["mean"]], [s / 255 for s in pre["std"]]).to(model.device)
+    pre = model.meta.preprocessing
+    return Preprocess([m / 255 for m in pre.mean], [s / 255 for s in pre.std]).to(model.device)
 
 
 class KerasStyleModel(nn.Module):
@@ -183,9 +185,9 @@ def forgot_divide_classifier(model: Classifier) -> Classifier:
     """The seed's evaluation as a Classifier that `evaluate` can run on the raw uint8 test images:
     they reach the KerasStyleModel's preprocessing undivided (same weights, nothing copied)."""
     pre = unit_scale_preprocess(model)
-    meta = {**model.meta, "preprocessing": {
-        "kind": "expects pixels / 255, fed raw pixels", "mean": pre.mean.flatten().tolist(),
-        "std": pre.std.flatten().tolist()}}
+    mean, std = pre.mean.flatten().tolist(), pre.std.flatten().tolist()
+    meta = replace(model.meta, preprocessing=Preprocessing("expects pixels / 255, fed raw pixels",
+                                                           (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])))
     return Classifier(model.net, pre, meta).eval()
 
 

@@ -28,7 +28,7 @@ from cifarlab.keras import (
     open_keras,
     open_keras_classifier,
 )
-from cifarlab.modelfile import Classifier
+from cifarlab.modelfile import Classifier, read_meta
 from cifarlab.modelfile import load_model as load_cifarlab_model
 from cifarlab.runner import ModelRunner, RunnerClassifier, callable_runner, cifarlab_runner, module_runner
 
@@ -64,6 +64,8 @@ def check_model_file(path: str | Path) -> None:
         check_keras_file(path)
     elif not path.is_file():
         raise CifarlabError(f"model file not found: {path}")
+    elif path.suffix.lower() != ".onnx":
+        read_meta(path)  # the header only: a damaged field fails here, not after the dataset loaded
 
 
 def open_model(model: ModelLike, *, input_spec: dict[str, Any] | None = None,

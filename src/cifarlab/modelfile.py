@@ -23,16 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from cifarlab.config import arch_args_problem
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
 from cifarlab.fileio import atomic_write
-from cifarlab.imageops import MAX_SIDE
-from cifarlab.metrics import MAX_CLASSES, softmax
-from cifarlab.models import create_model, get_model_spec
-from cifarlab.schema import Fields, describe
+from cifarlab.metrics import softmax
+from cifarlab.modelmeta import ModelMeta, make_meta
+from cifarlab.models import create_model
 
-FORMAT = "cifarlab-model"
-FORMAT_VERSION = 1
+__all__ = ["METADATA_KEY", "Preprocess", "input_statistics", "Classifier", "validate_images", "build_classifier",
+           "make_meta", "save_model", "atomic_save_safetensors", "read_safetensors", "read_meta", "load_model"]
+
 METADATA_KEY = "cifarlab"
 
 
@@ -54,15 +53,6 @@ class Preprocess(nn.Module):
         return (x - self.mean) / self.std
 
 
-def preprocessing_constants(kind: str, train_stats: dict[str, list[float]]) -> dict[str, Any]:
-    """The mean/std (in 0..255 pixel units) that a model's preprocessing kind implies."""
-    if kind == "scale":  # x / 255, the Keras habit
-        return {"kind": kind, "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]}
-    if kind == "standardize":
-        return {"kind": kind, "mean": list(train_stats["mean"]), "std": list(train_stats["std"])}
-    raise ModelFileError(f"unknown preprocessing kind {kind!r}; expected 'scale' or 'standardize'")
-
-
 def input_statistics(images: np.ndarray, max_images: int = 10_000) -> dict[str, list[float]]:
     """Per-channel mean/std/min/max of raw pixels, recorded so later tools can compare inputs."""
     sample = np.asarray(images[:max_images], dtype=np.float64).reshape(-1, images.shape[-1])
@@ -77,7 +67,7 @@ def input_statistics(images: np.ndarray, max_images: int = 10_000) -> dict[str, 
 class Classifier(nn.Module):
     """A network plus its preprocessing and metadata; forward takes uint8 NHWC images."""
 
-    def __init__(self, net: nn.Module, preprocess: Preprocess, meta: dict[str, Any]):
+    def __init__(self, net: nn.Module, preprocess: Preprocess, meta: ModelMeta):
         super().__init__()
         self.preprocess = preprocess
         self.net = net
@@ -85,11 +75,11 @@ class Classifier(nn.Module):
 
     @property
     def classes(self) -> list[str]:
-        return self.meta["classes"]
+        return list(self.meta.classes)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.meta["input"]["height"], self.meta["input"]["width"]
+        return self.meta.image_size
 
     @property
     def device(self) -> torch.device:
@@ -186,37 +176,16 @@ def _check_dtype(array: Any, expected: str) -> None:
     raise InputError(f"expected {expected}; got dtype {dtype} with values in [{lo:g}, {hi:g}]. {hint}")
 
 
-def build_classifier(meta: dict[str, Any]) -> Classifier:
+def build_classifier(meta: ModelMeta) -> Classifier:
     """An untrained Classifier for the architecture and preprocessing described by meta."""
-    net = create_model(meta["architecture"], meta["num_classes"], **meta["arch_args"])
-    pre = meta["preprocessing"]
-    return Classifier(net, Preprocess(pre["mean"], pre["std"]), meta)
-
-
-def make_meta(*, architecture: str, arch_args: dict[str, Any], classes: list[str],
-              train_stats: dict[str, list[float]], image_size: tuple[int, int] = (32, 32),
-              **extra: Any) -> dict[str, Any]:
-    """Model metadata with the input contract and preprocessing filled in."""
-    spec = get_model_spec(architecture)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "architecture": architecture,
-        "arch_args": {**spec.default_args, **arch_args},
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB",
-                  "height": image_size[0], "width": image_size[1], "range": [0, 255]},
-        "preprocessing": preprocessing_constants(spec.preprocessing, train_stats),
-        "train_input_stats": train_stats,
-        **extra,
-    }
+    net = create_model(meta.architecture, meta.num_classes, **meta.arch_args)
+    return Classifier(net, Preprocess(list(meta.preprocessing.mean), list(meta.preprocessing.std)), meta)
 
 
 def save_model(model: Classifier, path: str | Path) -> Path:
     """Write weights + metadata atomically: a crash leaves the old file or the new one."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_save_safetensors(tensors, {METADATA_KEY: json.dumps(model.meta)}, Path(path))
+    return atomic_save_safetensors(tensors, {METADATA_KEY: json.dumps(model.meta.to_dict())}, Path(path))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path,
@@ -230,8 +199,9 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str
     return atomic_write(path, safetensors_bytes(tensors, metadata=metadata), what=what)
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with errors a user can act on.
+def read_safetensors(path: str | Path, *, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with errors a user can act on; with
+    `weights=False` only the header is read (no tensors: cheap, whatever the file's size).
 
     cifarlab's own metadata entries (keys starting with "cifarlab") must be JSON objects, so
     that callers can json.loads them without meeting a torn or hand-edited header.
@@ -241,7 +211,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise ModelFileError(f"model file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise ModelFileError(
             f"{path} is not a readable safetensors file ({exc}). cifarlab model files are "
@@ -251,6 +222,19 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         if key.startswith(METADATA_KEY):
             _json_object(value, path, key)
     return tensors, metadata
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    """The checked metadata of a cifarlab model file, from its header alone (no weights read):
+    the cheap check before anything slow, and what `load_model` builds from."""
+    path = Path(path)
+    _, metadata = read_safetensors(path, weights=False)
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(
+            f"{path} is a safetensors file without cifarlab metadata: it holds weights but not "
+            "the architecture and preprocessing needed to use them. Was it written by cifarlab?"
+        )
+    return ModelMeta.from_dict(json.loads(metadata[METADATA_KEY]), str(path))  # a JSON object: checked
 
 
 def _json_object(text: str, path: Path, key: str) -> dict[str, Any]:
@@ -268,20 +252,8 @@ def _json_object(text: str, path: Path, key: str) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """Load a cifarlab model file; the result is in eval mode and validates what it is fed."""
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    if METADATA_KEY not in metadata:
-        raise ModelFileError(
-            f"{path} is a safetensors file without cifarlab metadata: it holds weights but not "
-            "the architecture and preprocessing needed to use them. Was it written by cifarlab?"
-        )
-    meta = json.loads(metadata[METADATA_KEY])  # a JSON object: read_safetensors checked it
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version", 0), int) \
-            or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: unsupported model format {meta.get('format')!r} version "
-            f"{meta.get('format_version')!r}; this cifarlab reads {FORMAT} up to version {FORMAT_VERSION}."
-        )
-    _check_meta(meta, path)
+    meta = read_meta(path)
+    tensors, _ = read_safetensors(path)
     bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise ModelFileError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
@@ -291,45 +263,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise ModelFileError(f"{path}: weights do not match architecture {meta['architecture']!r}: {exc}") from None
+        raise ModelFileError(f"{path}: weights do not match architecture {meta.architecture!r}: {exc}") from None
     return model.to(device).eval()
 
 
-def check_preprocessing(pre: Fields) -> None:
-    """A preprocessing record: per-channel mean in 0..255 and std positive, in pixel units."""
-    pre.channels("mean", 0, 255)
-    pre.channels("std", 1e-6, 1e6)  # positive: preprocessing divides by it
-
-
-def _check_meta(meta: dict[str, Any], path: Path) -> None:
-    """Every metadata field cifarlab relies on, checked once here (a damaged or edited file
-    fails with the field named): sizes are bounded before anything is built, the
-    preprocessing's std is positive, the class names match their count."""
-    f = Fields(meta, f"{path}: the cifarlab metadata", "the file was damaged or edited; use the original "
-               "file written by cifarlab", ModelFileError)
-    f.require("architecture", "arch_args", "num_classes", "classes", "input", "preprocessing")
-    f.string("architecture")
-    problem = arch_args_problem(meta["arch_args"])
-    if problem:
-        f.fail(f"{f.where}: {problem}")
-    names = len(f.strings("classes"))
-    if meta["num_classes"] != names:
-        f.fail(f"{f.where}: 'classes' must name the num_classes={describe(meta['num_classes'])} classes of the "
-               f"head, got {names} names")
-    f.integer("num_classes", 1, MAX_CLASSES)
-    contract = f.object("input")
-    contract.integer("height", 1, MAX_SIDE)
-    contract.integer("width", 1, MAX_SIDE)
-    pre = f.object("preprocessing")
-    check_preprocessing(pre)
-    stats = f.optional_object("train_input_stats")
-    if stats is not None:
-        for key in ("mean", "std", "min", "max"):
-            stats.channels(key, 0, 255)
-    f.optional_dict("metrics")
-
-
-def _build_matching(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> Classifier:
+def _build_matching(meta: ModelMeta, tensors: dict[str, torch.Tensor], path: Path) -> Classifier:
     """Build the Classifier the metadata describes, once its weight shapes match the file's tensors.
 
     The architecture is first built on the "meta" device (shapes only, no memory), so metadata
@@ -341,11 +279,11 @@ def _build_matching(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path
     except CifarlabError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # arch_args the builder rejects
-        raise ModelFileError(f"{path}: the metadata describes no buildable {meta['architecture']!r} "
+        raise ModelFileError(f"{path}: the metadata describes no buildable {meta.architecture!r} "
                              f"network ({type(exc).__name__}: {exc}); the file was damaged or edited.") from None
     stored = {k: tuple(v.shape) for k, v in tensors.items()}
     if shapes != stored:
         differ = sorted(set(shapes) ^ set(stored)) or [k for k in shapes if shapes[k] != stored[k]]
-        raise ModelFileError(f"{path}: weights do not match architecture {meta['architecture']!r} "
+        raise ModelFileError(f"{path}: weights do not match architecture {meta.architecture!r} "
                              f"(first differences: {', '.join(differ[:3])}); the file was damaged or edited.")
     return build_classifier(meta)

@@ -28,7 +28,8 @@ import numpy as np
 
 from cifarlab.data import Dataset, check_class_count, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
-from cifarlab.modelfile import METADATA_KEY, check_preprocessing
+from cifarlab.modelfile import METADATA_KEY
+from cifarlab.modelmeta import Preprocessing, optional_record, read_dataset, read_metrics, read_split
 from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, image_size, recorded_accuracy
 from cifarlab.schema import Fields
 
@@ -142,17 +143,17 @@ def check_onnx_meta(meta: dict[str, Any], path: Path) -> None:
     if used is not None and not f.has(used):
         f.fail(f"{f.where}: a {meta['onnx_input']}-input export needs {used!r}")
     if used == "expected_preprocessing":
-        check_preprocessing(f.object(used))
+        Preprocessing.read(f.object(used))
     if f.has("preprocessing"):
-        check_preprocessing(f.object("preprocessing"))
+        Preprocessing.read(f.object("preprocessing"))
     if f.has("classes"):
         f.strings("classes")
     stats = f.optional_object("train_input_stats")
     if stats is not None:
         for key in ("mean", "std"):
             stats.channels(key, 0, 255)
-    f.optional_dict("dataset")
-    f.optional_dict("metrics")
+    for key, read in (("dataset", read_dataset), ("split", read_split), ("metrics", read_metrics)):
+        optional_record(f, key, read)
 
 
 def _onnx_preprocessing(meta: dict[str, Any] | None) -> dict[str, Any] | None:

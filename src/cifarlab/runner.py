@@ -14,7 +14,7 @@ logits out), applying the preprocessing the model's file or its user states.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +44,7 @@ class ModelRunner:
     forward: Callable[[np.ndarray], Any] = field(repr=False)  # one batch, already cast
     # The dtype batches are cast to before `forward`; None: as given (uint8 or float32).
     feed_dtype: str | None = None
-    meta: dict[str, Any] | None = field(repr=False, default=None)  # the cifarlab metadata, if any
+    meta: Mapping[str, Any] | None = field(repr=False, default=None)  # the cifarlab metadata, if any
     outputs: str | None = None  # "probabilities" | "logits" where the model says; None: unknown
 
     @property
@@ -198,9 +198,9 @@ def cifarlab_runner(classifier: Classifier, name: str) -> ModelRunner:
     a live model left in training mode must show that.
     """
     meta = classifier.meta
-    h, w = classifier.image_size
+    h, w = meta.image_size
     spec = {"dtype": "uint8", "layout": "NHWC", "height": h, "width": w, "channels": 3,
-            "preprocessing": {**meta["preprocessing"], "applied_by": "model"}}
+            "preprocessing": {**meta.preprocessing.to_dict(), "applied_by": "model"}}
 
     @torch.no_grad()
     def forward(batch: np.ndarray) -> torch.Tensor:
@@ -211,9 +211,10 @@ def cifarlab_runner(classifier: Classifier, name: str) -> ModelRunner:
 
     # feed_dtype None: floats must reach the network as given, never rounded to uint8.
     return ModelRunner(
-        name=f"{name} (cifarlab {meta['architecture']})", kind="cifarlab",
-        num_classes=meta["num_classes"], classes=list(meta["classes"]), input_spec=spec,
-        train_stats=meta.get("train_input_stats"), trained_accuracy=recorded_accuracy(meta),
+        name=f"{name} (cifarlab {meta.architecture})", kind="cifarlab",
+        num_classes=meta.num_classes, classes=list(meta.classes), input_spec=spec,
+        train_stats=meta.train_input_stats.to_dict() if meta.train_input_stats else None,
+        trained_accuracy=recorded_accuracy(meta),
         forward=forward, feed_dtype=None, meta=meta)
 
 
@@ -275,7 +276,7 @@ def _num_classes(classes: list[str] | None) -> int | None:
     return len(classes) if classes else None
 
 
-def recorded_accuracy(meta: dict[str, Any]) -> float | None:
+def recorded_accuracy(meta: Mapping[str, Any]) -> float | None:
     metrics = meta.get("metrics") or {}
     value = metrics.get("val_acc", metrics.get("test_acc"))
     return float(value) if value is not None else None
@@ -344,7 +345,7 @@ class RunnerClassifier:
     raw pixels itself), so a model scores exactly what it would in a correct pipeline.
     """
 
-    def __init__(self, runner: ModelRunner, meta: dict[str, Any], image_size: tuple[int, int],
+    def __init__(self, runner: ModelRunner, meta: Mapping[str, Any], image_size: tuple[int, int],
                  feed: dict[str, Any] | None):
         self.runner = runner
         self.meta = meta

@@ -46,6 +46,7 @@ from cifarlab.modelfile import (
     make_meta,
     save_model,
 )
+from cifarlab.modelmeta import ModelMeta
 from cifarlab.text import plural
 from cifarlab.training.averaging import EMA_EVERY, LOOKAHEAD_EVERY, WARMUP_FRACTION, Lookahead, WeightEMA
 from cifarlab.training.device import bf16_is_fast, pick_device, timed
@@ -205,7 +206,7 @@ class Trainer:
         return (torch.from_numpy(np.array(x, copy=True, order="C")).to(self.device),
                 torch.from_numpy(np.array(y, dtype=np.int64)).to(self.device))
 
-    def _model_meta(self, train_x: np.ndarray) -> dict[str, Any]:
+    def _model_meta(self, train_x: np.ndarray) -> ModelMeta:
         ds, cfg = self.dataset, self.cfg
         return make_meta(
             architecture=cfg.model, arch_args=cfg.arch_args, classes=ds.classes,
@@ -495,12 +496,12 @@ class Trainer:
     def finish(self) -> TrainResult:
         last = self.history[-1] if self.history else {}
         model = self.eval_model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
-        meta = model.meta
-        meta["recipe"] = asdict(self.cfg)  # here, not at init: a time budget's plan comes later
-        meta["metrics"] = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-        meta["metrics"].update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history),
-                               train_images=len(self.train_y))
-        meta["created"] = datetime.now().isoformat(timespec="seconds")
+        metrics = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        metrics.update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history),
+                       train_images=len(self.train_y))
+        # Here, not at init: a time budget's plan comes later.
+        model.meta = model.meta.with_training(recipe=asdict(self.cfg), metrics=metrics,
+                                              created=datetime.now().isoformat(timespec="seconds"))
         path = self.run_dir / "model.safetensors"
         if distributed.is_main():  # the other ranks return the same model, unsaved
             path = save_model(model, path)
