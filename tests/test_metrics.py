@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cifarlab.errors import InputError
 from cifarlab.metrics import (
+    as_count_matrix,
     classification_report,
     coarse_confusion,
     confusion_matrix,
@@ -319,3 +320,18 @@ def test_confusion_matrix_marginals(data: tuple[np.ndarray, np.ndarray, int]) ->
     np.testing.assert_array_equal(cm.sum(axis=1), np.bincount(y_true, minlength=num_classes))
     np.testing.assert_array_equal(cm.sum(axis=0), np.bincount(y_pred, minlength=num_classes))
     assert np.trace(cm) / n == pytest.approx(float((y_true == y_pred).mean()))
+
+
+def test_counts_whose_total_would_wrap_int64_are_refused(tmp_path: Path) -> None:
+    """Each cell within the per-cell bound, but 1,100 x 1,100 of them sum beyond int64: before,
+    diagnose printed num_samples -3.3e18 and accuracy 258% and called the model healthy."""
+    from cifarlab.diagnosis import diagnose
+
+    cm = np.full((1100, 1100), 2**53 // 1000, dtype=np.int64)
+    with pytest.raises(InputError, match=r"holds 10,898,[0-9,]+ samples in all, more than any real evaluation"):
+        diagnose(confusion=cm)
+    path = tmp_path / "cm.json"
+    path.write_text(json.dumps([[2**52, 2**52], [1, 7]]))
+    with pytest.raises(InputError, match=r"cm.json holds 9,007,199,254,74[0-9,]+ samples in all"):
+        load_confusion_json(path)
+    assert as_count_matrix([[2**52, 2**52 - 8], [1, 7]]).sum() == 2**53  # at the bound: kept, exact

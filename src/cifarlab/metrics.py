@@ -144,7 +144,17 @@ def as_count_matrix(cm: Any, name: str = "confusion matrix") -> np.ndarray:
     if arr.size and arr.max() > MAX_COUNT:  # int64 sums would overflow
         raise InputError(f"{name} holds counts up to {float(arr.max()):.3g}, more than any real count "
                          f"(at most {MAX_COUNT:.3g}); pass raw counts of samples.")
-    return arr.astype(np.int64)
+    return _bounded_total(arr.astype(np.int64), name)
+
+
+def _bounded_total(counts: np.ndarray, name: str) -> np.ndarray:
+    """`counts` once their total is at most MAX_COUNT: every row, column and grand total then
+    fits int64 (and float64 exactly), so no count is ever printed negative or as a wrapped sum."""
+    total = float(counts.sum(dtype=np.float64))  # float: the int64 sum itself could wrap
+    if total > MAX_COUNT:
+        raise InputError(f"{name} holds {total:,.0f} samples in all, more than any real evaluation "
+                         f"(at most {MAX_COUNT:,}); the counts are damaged or are not counts of samples.")
+    return counts
 
 
 def as_probabilities(probs: Any, num_samples: int | None = None) -> np.ndarray:
@@ -252,10 +262,11 @@ def load_confusion_json(path: Path) -> np.ndarray:
                 f"{path} must hold a square matrix: {n} rows, so every row needs {n} counts, "
                 f"but row {i} has {len(row)}."
             )
-    return np.array(
+    counts = np.array(
         [[_parse_count(v, i, j, path) for j, v in enumerate(row)] for i, row in enumerate(data)],
         dtype=np.int64,
     )
+    return _bounded_total(counts, str(path))
 
 
 def coarse_confusion(cm: np.ndarray, coarse_of_fine: list[int], num_coarse: int) -> np.ndarray:
