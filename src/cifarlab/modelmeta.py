@@ -13,16 +13,14 @@ shape that foreign models' metadata has, so evaluation and diagnosis treat both 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Any
 
 from cifarlab.config import arch_args_problem
 from cifarlab.errors import ModelFileError
 from cifarlab.imageops import MAX_SIDE
 from cifarlab.metrics import MAX_CLASSES
-from cifarlab.schema import Fields, describe
+from cifarlab.schema import DocumentView, Fields, describe
 
 FORMAT = "cifarlab-model"
 FORMAT_VERSION = 1
@@ -105,7 +103,7 @@ def read_metrics(f: Fields) -> dict[str, float | None]:
 
 
 @dataclass(frozen=True, eq=False)  # equality is the Mapping's: the same JSON document
-class ModelMeta(Mapping[str, Any]):
+class ModelMeta(DocumentView):
     """Everything needed to use a cifarlab model's weights correctly; see the module's text."""
 
     architecture: str
@@ -187,19 +185,8 @@ class ModelMeta(Mapping[str, Any]):
             format_version=version, extra={k: v for k, v in meta.items() if k not in known},
         )
 
-    # ---- the mapping view (the JSON document's keys) ---------------------------------------
-    @cached_property
-    def _view(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         return self.to_dict()
-
-    def __getitem__(self, key: str) -> Any:
-        return self._view[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._view)
-
-    def __len__(self) -> int:
-        return len(self._view)
 
 
 def optional_record(f: Fields, key: str, read: Any) -> Any:

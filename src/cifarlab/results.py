@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import numpy as np
 from cifarlab.errors import InputError
 from cifarlab.fileio import atomic_write
 from cifarlab.metrics import MAX_CLASSES, as_count_matrix, load_confusion_json, save_confusion_json
-from cifarlab.schema import Fields, read_json_file
+from cifarlab.schema import DocumentView, Fields, read_json_file
 
 EVALUATE_HINT = "run `cifarlab evaluate MODEL --out DIR` and pass DIR"
 
@@ -129,7 +127,7 @@ class ModelSummary:
 
 
 @dataclass(frozen=True, eq=False)
-class EvaluationResult(Mapping[str, Any]):
+class EvaluationResult(DocumentView):
     """One model evaluated on one split: the numbers, the matrix, and what was evaluated.
 
     It also reads as the metrics.json mapping (`result["accuracy"]`, `result["out_dir"]`),
@@ -257,19 +255,9 @@ class EvaluationResult(Mapping[str, Any]):
         cm = load_confusion_json(folder / "cm.json") if (folder / "cm.json").is_file() else None
         return replace(cls.from_dict(data, str(metrics_path), cm), out_dir=folder)
 
-    # ---- the mapping view (metrics.json's keys, and out_dir) ----------------------------
-    @cached_property
-    def _view(self) -> dict[str, Any]:
+    def document(self) -> dict[str, Any]:
+        """The mapping view: metrics.json's keys, and out_dir."""
         return self.to_dict() | {"out_dir": str(self.out_dir) if self.out_dir else None}
-
-    def __getitem__(self, key: str) -> Any:
-        return self._view[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._view)
-
-    def __len__(self) -> int:
-        return len(self._view)
 
 
 def _top_k(f: Fields, key: str) -> int:

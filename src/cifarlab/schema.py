@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import stat
+from collections.abc import Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -150,3 +152,25 @@ def matches_annotation(value: Any, annotation: str) -> bool:
         if kind.startswith("dict") and isinstance(value, dict):
             return True
     return False
+
+
+class DocumentView(Mapping[str, Any]):
+    """A record that also reads as the JSON document it is written as: `record["classes"]`,
+    `dict(record)`, `record.get("split")`, as its callers read the dict it replaced."""
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document the view shows (the subclass's `to_dict()`, maybe more)."""
+        raise NotImplementedError
+
+    @cached_property
+    def _view(self) -> dict[str, Any]:
+        return self.document()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._view[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._view)
+
+    def __len__(self) -> int:
+        return len(self._view)

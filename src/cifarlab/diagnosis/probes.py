@@ -130,6 +130,18 @@ class Probe:
         return {"input-layout": 0, "channel-order": 1}.get(self.finding, 2)
 
 
+def _unstandardize_probe(name: str, mean: tuple[float, ...], std: tuple[float, ...], which: str,
+                         article: str) -> Probe:
+    """Inputs normalised with (mean, std) in 0..1 units that the model was not trained on."""
+    return Probe(name, _unstandardize(mean, std), "input-normalization",
+                 f"Evaluation inputs are {which}-normalised, but the model was not trained that way",
+                 "undoing the normalisation", f"{article} {which} normalisation the model was not trained on",
+                 unit_output=True,
+                 applies=lambda s: s.lo < 0 and s.hi <= 10, skip_reason="the values do not look standardised",
+                 fix=lambda c: f"x = x * {_fmt(std)} + {_fmt(mean)}{c.unit_to_target}  "
+                               f"# undo the {which} normalisation: the model expects {c.target}")
+
+
 _ALL_PROBES = (
     Probe("as-given", lambda x: x),
     Probe("divide-by-255", lambda x: x / 255.0, "input-scale",
@@ -162,20 +174,8 @@ _ALL_PROBES = (
           "inputs not ImageNet-standardised",
           applies=lambda s: s.lo >= 0, skip_reason="the values are already centred (negative values)",
           fix=lambda c: _standardize_fix(c, IMAGENET_MEAN, IMAGENET_STD)),
-    Probe("unstandardize-cifar", _unstandardize(CIFAR_MEAN, CIFAR_STD), "input-normalization",
-          "Evaluation inputs are mean/std-normalised, but the model was not trained that way",
-          "undoing the normalisation", "a mean/std normalisation the model was not trained on",
-          unit_output=True,
-          applies=lambda s: s.lo < 0 and s.hi <= 10, skip_reason="the values do not look standardised",
-          fix=lambda c: f"x = x * {_fmt(CIFAR_STD)} + {_fmt(CIFAR_MEAN)}{c.unit_to_target}  "
-                        f"# undo the mean/std normalisation: the model expects {c.target}"),
-    Probe("unstandardize-imagenet", _unstandardize(IMAGENET_MEAN, IMAGENET_STD), "input-normalization",
-          "Evaluation inputs are ImageNet-normalised, but the model was not trained that way",
-          "undoing the normalisation", "an ImageNet normalisation the model was not trained on",
-          unit_output=True,
-          applies=lambda s: s.lo < 0 and s.hi <= 10, skip_reason="the values do not look standardised",
-          fix=lambda c: f"x = x * {_fmt(IMAGENET_STD)} + {_fmt(IMAGENET_MEAN)}{c.unit_to_target}  "
-                        f"# undo the ImageNet normalisation: the model expects {c.target}"),
+    _unstandardize_probe("unstandardize-cifar", CIFAR_MEAN, CIFAR_STD, "mean/std", "a"),
+    _unstandardize_probe("unstandardize-imagenet", IMAGENET_MEAN, IMAGENET_STD, "ImageNet", "an"),
     Probe("swap-rgb-bgr", _swap_rgb_bgr, "channel-order",
           "Evaluation inputs are BGR, but the model was trained on RGB", "swapping the channels",
           "BGR instead of RGB",
