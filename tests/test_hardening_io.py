@@ -194,6 +194,51 @@ def test_damaged_metadata_is_refused_without_building_anything(tmp_path: Path, e
         load_model(damaged(tmp_path, edit))
 
 
+def test_a_header_listing_extra_tensors_is_refused_before_any_is_read(tmp_path: Path, monkeypatch) -> None:
+    """5,000 tensors listed beside the 41 the architecture needs: refused from the header's
+    names, with no tensor read (before, all 5,041 were loaded, then compared); beyond 10,000
+    listed, any cifarlab safetensors file (a checkpoint too) is refused by the count alone."""
+    import safetensors
+
+    model = tiny_classifier()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    needed = len(tensors)
+    tensors.update({f"extra.{i}": torch.zeros(1) for i in range(20_000)})
+    path, many = tmp_path / "some.safetensors", tmp_path / "many.safetensors"
+    metadata = {METADATA_KEY: json.dumps(model.meta.to_dict())}
+    save_file(dict(list(tensors.items())[:needed + 5_000]), str(path), metadata=metadata)
+    save_file(tensors, str(many), metadata=metadata)
+    read: list[str] = []
+
+    class CountingOpen:  # the real safe_open, counting the tensors read through it
+        def __init__(self, *args, **kwargs):
+            self.inner = safetensors.safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr("cifarlab.modelfile.safe_open", CountingOpen)
+    with pytest.raises(ModelFileError, match=f"5,{needed:03d} tensors listed, {needed} needed"):
+        load_model(path)
+    for reader in (load_model, read_checkpoint):
+        with pytest.raises(ModelFileError, match=f"lists 20,{needed:03d} tensors; .*refused above 10,000"):
+            reader(many)
+    assert read == []
+    load_model(save_model(model, tmp_path / "ok.safetensors"))
+    assert len(read) == needed  # a good file: each weight read once
+
+
 SPLIT = {"method": "stratified", "seed": 0, "val_fraction": 0.1, "n_train": 9, "n_val": 1, "val_indices_sha256": "0"}
 
 

@@ -33,6 +33,7 @@ __all__ = ["METADATA_KEY", "Preprocess", "input_statistics", "Classifier", "vali
            "make_meta", "save_model", "atomic_save_safetensors", "read_safetensors", "read_meta", "load_model"]
 
 METADATA_KEY = "cifarlab"
+MAX_TENSORS = 10_000  # a model holds 41; its checkpoint, with optimizer state and averages, a few hundred
 
 
 class Preprocess(nn.Module):
@@ -211,8 +212,14 @@ def read_safetensors(path: str | Path, *, weights: bool = True) -> tuple[dict[st
         raise ModelFileError(f"model file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
+            metadata, names = f.metadata() or {}, f.keys()
+            if len(names) > MAX_TENSORS:
+                raise ModelFileError(f"{path} lists {len(names):,} tensors; cifarlab's models and checkpoints "
+                                     f"hold at most a few hundred (refused above {MAX_TENSORS:,}): the file was "
+                                     "damaged or edited, or is not cifarlab's")
+            tensors = {k: f.get_tensor(k) for k in names} if weights else {}
+    except ModelFileError:
+        raise
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise ModelFileError(
             f"{path} is not a readable safetensors file ({exc}). cifarlab model files are "
@@ -250,16 +257,23 @@ def _json_object(text: str, path: Path, key: str) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """Load a cifarlab model file; the result is in eval mode and validates what it is fed."""
+    """Load a cifarlab model file; the result is in eval mode and validates what it is fed.
+
+    Cheap checks first: the metadata (header), then the tensors' names and shapes (header)
+    against the architecture built on the "meta" device (shapes only, no memory); only a file
+    that lists exactly the weights the architecture needs has its tensors read. So neither
+    metadata asking for a huge network nor a header listing a million extra tensors costs
+    work in proportion to it.
+    """
     path = Path(path)
     meta = read_meta(path)
-    tensors, _ = read_safetensors(path)
+    tensors = _read_weights(path, _architecture_shapes(meta, path), meta.architecture)
     bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise ModelFileError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
                              f"{', ...' if len(bad) > 3 else ''}): the training that wrote it diverged. "
                              "Retrain (e.g. with a lower --lr) or use an earlier checkpoint.")
-    model = _build_matching(meta, tensors, path)
+    model = build_classifier(meta)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -267,23 +281,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
     return model.to(device).eval()
 
 
-def _build_matching(meta: ModelMeta, tensors: dict[str, torch.Tensor], path: Path) -> Classifier:
-    """Build the Classifier the metadata describes, once its weight shapes match the file's tensors.
-
-    The architecture is first built on the "meta" device (shapes only, no memory), so metadata
-    asking for a huge network cannot allocate it before the mismatch is found.
-    """
+def _architecture_shapes(meta: ModelMeta, path: Path) -> dict[str, tuple[int, ...]]:
+    """The weight shapes of the network the metadata describes, built on the "meta" device."""
     try:
         with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in build_classifier(meta).state_dict().items()}
+            return {k: tuple(v.shape) for k, v in build_classifier(meta).state_dict().items()}
     except CifarlabError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # arch_args the builder rejects
         raise ModelFileError(f"{path}: the metadata describes no buildable {meta.architecture!r} "
                              f"network ({type(exc).__name__}: {exc}); the file was damaged or edited.") from None
-    stored = {k: tuple(v.shape) for k, v in tensors.items()}
-    if shapes != stored:
-        differ = sorted(set(shapes) ^ set(stored)) or [k for k in shapes if shapes[k] != stored[k]]
-        raise ModelFileError(f"{path}: weights do not match architecture {meta.architecture!r} "
-                             f"(first differences: {', '.join(differ[:3])}); the file was damaged or edited.")
-    return build_classifier(meta)
+
+
+def _read_weights(path: Path, shapes: dict[str, tuple[int, ...]], architecture: str) -> dict[str, torch.Tensor]:
+    """The file's tensors, read once the header lists exactly `shapes` (names and sizes)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in names} if len(names) == len(shapes) else {}
+            if stored != shapes:
+                differ = sorted(set(shapes) ^ set(names)) or [k for k in shapes if shapes[k] != stored[k]]
+                raise ModelFileError(
+                    f"{path}: weights do not match architecture {architecture!r} ({len(names):,} tensors listed, "
+                    f"{len(shapes):,} needed; first differences: {', '.join(differ[:3])}); the file was damaged "
+                    "or edited.")
+            return {k: f.get_tensor(k) for k in names}
+    except ModelFileError:
+        raise
+    except Exception as exc:  # safetensors raises several types for corrupt data
+        raise ModelFileError(f"{path} is not a readable safetensors file ({exc}); the file was damaged.") from None
