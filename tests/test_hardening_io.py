@@ -729,3 +729,22 @@ def test_json_and_csv_inputs_never_open_fifos_or_devices(tmp_path: Path, capsys,
 
     with pytest.raises(InputError, match="not a regular file"):
         plot_history(odd, tmp_path / "h.png", title="t")
+
+
+def test_an_input_that_is_not_a_file_is_named_for_what_it_is(tmp_path: Path, capsys) -> None:
+    """A pipe, a device or a folder given as an input file: before, "file not found" or "no such
+    image file" for something that exists (and a --confusion .npy was called --predictions)."""
+    model = save_model(tiny_classifier(), tmp_path / "m.safetensors")
+    pipe, device = tmp_path / "pipe.png", tmp_path / "zero.npy"
+    os.mkfifo(pipe)
+    device.symlink_to("/dev/zero")
+    odd = "is not a regular file (a pipe, device or socket)"
+    cases = [(["predict", model, pipe], f"image file {pipe} {odd}"),
+             (["predict", pipe, model], f"model file {pipe} {odd}"),
+             (["diagnose", "--predictions", device], f"--predictions: file {device} {odd}"),
+             (["diagnose", "--confusion", device], f"--confusion: file {device} {odd}"),
+             (["diagnose", "--predictions", tmp_path], f"--predictions: file {tmp_path} is a folder"),
+             (["predict", model, tmp_path / "none.png"], f"image file not found: {tmp_path / 'none.png'}")]
+    for args, message in cases:
+        assert _main_in_thread([str(a) for a in args]) == 2, args
+        assert message in capsys.readouterr().err, args

@@ -124,3 +124,24 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ---- reading: what a name given as an input file points to -----------------------------------
+
+def file_problem(path: Path) -> str | None:
+    """None for a regular file (links followed); else what `path` is instead, as a phrase.
+    Checked by type before opening: a FIFO would block the read, a device never end it."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a folder"
+    return "does not exist" if not path.exists() else "is not a regular file (a pipe, device or socket)"
+
+
+def require_file(path: Path, what: str, error: type[Exception]) -> None:
+    """Raise `error` unless `path` is a regular file: "{what} not found: PATH", or what it is."""
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise error(f"{what} not found: {path}")
+    if problem:
+        raise error(f"{what} {path} {problem}")

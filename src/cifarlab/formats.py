@@ -20,6 +20,7 @@ from torch import nn
 
 from cifarlab.data import Dataset, resolve_dataset
 from cifarlab.errors import CifarlabError
+from cifarlab.fileio import file_problem, require_file
 from cifarlab.keras import (
     check_keras_file,
     is_keras_file,
@@ -62,8 +63,8 @@ def check_model_file(path: str | Path) -> None:
                             "once the run has finished")
     if is_keras_file(path):
         check_keras_file(path)
-    elif not path.is_file():
-        raise CifarlabError(f"model file not found: {path}")
+    elif file_problem(path):
+        require_file(path, "model file", CifarlabError)
     elif path.suffix.lower() != ".onnx":
         read_meta(path)  # the header only: a damaged field fails here, not after the dataset loaded
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cifarlab.errors import InputError
+from cifarlab.fileio import file_problem
 from cifarlab.schema import MAX_ITEMS, Fields
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -67,10 +68,9 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a history.csv, every cell checked (numbers finite, accuracies in [0, 1],
     epochs 1..n in order); a file that is not one gives an InputError saying what it is."""
     path = Path(path)
-    if not path.is_file():
-        what = ("is a folder" if path.is_dir() else "does not exist" if not path.exists()
-                else "is not a regular file (a pipe, device or socket)")
-        raise InputError(f"history file {path} {what}; {HISTORY_HINT}.")
+    problem = file_problem(path)
+    if problem:
+        raise InputError(f"history file {path} {problem}; {HISTORY_HINT}.")
     if path.stat().st_size > MAX_HISTORY_BYTES:
         raise InputError(f"{path} holds {path.stat().st_size:,} bytes, more than a history.csv can "
                          f"({MAX_HISTORY_BYTES:,}); {HISTORY_HINT}.")

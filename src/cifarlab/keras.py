@@ -29,6 +29,7 @@ import torch
 
 from cifarlab.data import Dataset, check_class_count, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
+from cifarlab.fileio import require_file
 from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, image_size
 
 KERAS_HINT = "pip install 'cifarlab[keras]'"
@@ -91,8 +92,7 @@ def is_keras_model(obj: Any) -> bool:
 
 def check_keras_file(path: Path) -> dict[str, Any]:
     """The file's model config, refused if it asks for code or custom classes or is too large."""
-    if not path.is_file():
-        raise ModelFileError(f"Keras model not found: {path}")
+    require_file(path, "Keras model", ModelFileError)
     if path.suffix.lower() == ".keras":
         config = _keras_zip_config(path)
     else:

@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
-from cifarlab.fileio import atomic_write
+from cifarlab.fileio import atomic_write, require_file
 from cifarlab.metrics import softmax
 from cifarlab.modelmeta import ModelMeta, make_meta
 from cifarlab.models import create_model
@@ -208,8 +208,7 @@ def read_safetensors(path: str | Path, *, weights: bool = True) -> tuple[dict[st
     that callers can json.loads them without meeting a torn or hand-edited header.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
+    require_file(path, "model file", ModelFileError)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata, names = f.metadata() or {}, f.keys()

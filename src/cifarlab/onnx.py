@@ -28,6 +28,7 @@ import numpy as np
 
 from cifarlab.data import Dataset, check_class_count, resolve_dataset
 from cifarlab.errors import CifarlabError, InputError, ModelFileError
+from cifarlab.fileio import require_file
 from cifarlab.modelfile import METADATA_KEY
 from cifarlab.modelmeta import Preprocessing, optional_record, read_dataset, read_metrics, read_split
 from cifarlab.runner import ModelRunner, RunnerClassifier, image_layout, image_size, recorded_accuracy
@@ -55,8 +56,7 @@ def open_onnx(path: str | Path) -> ModelRunner:
     """An onnxruntime CPU session; input contract from the graph, the rest from cifarlab metadata."""
     ort = import_onnx_package("onnxruntime")
     path = Path(path)
-    if not path.is_file():
-        raise CifarlabError(f"ONNX model not found: {path}")
+    require_file(path, "ONNX model", CifarlabError)
     try:
         # EliminateDropout would silently turn a graph exported in training mode into an
         # eval-mode one; diagnosis must run the graph as written to see that bug.

@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cifarlab.data.imagefolder import IMAGE_FORMATS, MAX_IMAGE_PIXELS, to_rgb
 from cifarlab.errors import InputError
+from cifarlab.fileio import require_file
 from cifarlab.modelfile import Classifier
 
 
@@ -20,8 +21,7 @@ def read_image(path: str | Path, size: tuple[int, int], resize: bool = False) ->
     MAX_IMAGE_PIXELS pixels, and any decoder failure becomes an InputError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
+    require_file(path, "image file", InputError)
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:

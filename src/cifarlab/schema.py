@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import stat
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
 from cifarlab.errors import InputError
+from cifarlab.fileio import file_problem
 
 MAX_STRING = 10_000  # characters in one name or label
 MAX_ITEMS = 1_000_000  # entries in one list (a 1,000-class matrix's rows, per-class rows, ...)
@@ -28,15 +28,14 @@ def read_json_file(path: Path, expected: str, error: type[Exception] = InputErro
     (which would block or never end) is refused by its type before it is opened, and
     damaged JSON, non-UTF-8 text, nesting beyond Python's recursion limit and integers
     beyond its 4,300-digit limit are all one error naming the file and what was `expected`."""
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise error(f"{path} does not exist; expected {expected}. Check the path.") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, device or socket)"
-        raise error(f"{path} is {kind}; expected {expected}.")
-    if info.st_size > MAX_JSON_BYTES:
-        raise error(f"{path} holds {info.st_size:,} bytes, more than the {MAX_JSON_BYTES:,} a JSON "
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise error(f"{path} does not exist; expected {expected}. Check the path.")
+    if problem:
+        raise error(f"{path} {problem}; expected {expected}.")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path} holds {size:,} bytes, more than the {MAX_JSON_BYTES:,} a JSON "
                     f"input may; expected {expected}.")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))

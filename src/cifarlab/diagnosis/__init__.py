@@ -82,7 +82,7 @@ def _read_confusion(confusion: ArrayLike) -> np.ndarray:
 
     if isinstance(confusion, (str, Path)):
         path = Path(confusion)
-        return load_confusion_json(path) if path.suffix.lower() == ".json" else load_array(path, "predictions")
+        return load_confusion_json(path) if path.suffix.lower() == ".json" else load_array(path, "confusion")
     return as_array(confusion, "confusion matrix")
 
 

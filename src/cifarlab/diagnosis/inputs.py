@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab.errors import InputError
+from cifarlab.fileio import require_file
 from cifarlab.metrics import as_array
 
 # The largest array read from a .npz member (a CIFAR test split as float32 is 123 MB).
@@ -21,14 +22,15 @@ NPZ_KEYS = {
     "images": ("x", "images", "x_test", "X", "X_test", "data"),
     "labels": ("y", "labels", "y_test", "Y", "y_true", "targets"),
     "predictions": ("probs", "probabilities", "logits", "predictions", "y_pred", "preds"),
+    "confusion": ("cm", "confusion", "confusion_matrix", "matrix"),
 }
 
 
 def load_array(path: str | Path, what: str) -> np.ndarray:
-    """One array from a .npy, .npz or .csv file; `what` is images, labels or predictions."""
+    """One array from a .npy, .npz or .csv file; `what` is images, labels, predictions or
+    confusion (the flag it came from, named in every message)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--{what}: file not found: {path}")
+    require_file(path, f"--{what}: file", InputError)
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz", ".csv", ".txt"):
         raise InputError(f"--{what}: {path} has suffix {suffix!r}; expected .npy, .npz or .csv")
