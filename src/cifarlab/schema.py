@@ -89,7 +89,8 @@ class Fields:
         value = self.data.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not low <= value <= high:
-            self._bad(key, "a number (finite)" if (low, high) == (-math.inf, math.inf) else f"a number in [{low:g}, {high:g}]")
+            unbounded = (low, high) == (-math.inf, math.inf)
+            self._bad(key, "a number (finite)" if unbounded else f"a number in [{low:g}, {high:g}]")
         return float(value)
 
     def optional_number(self, key: str, low: float = -math.inf, high: float = math.inf) -> float | None:
