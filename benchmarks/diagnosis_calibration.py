@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import os
 import shlex
 import sys
@@ -91,7 +92,7 @@ def snapshot(trainer: Trainer, path: Path) -> None:
     model = copy.deepcopy(trainer.eval_model).to(memory_format=torch.contiguous_format).eval()
     last = trainer.history[-1]
     metrics = {k: last.get(k) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
-    model.meta = model.meta.with_training(metrics={**metrics, "epochs": len(trainer.history)})
+    model.meta = dataclasses.replace(model.meta, metrics={**metrics, "epochs": len(trainer.history)})
     save_model(model, path)
 
 

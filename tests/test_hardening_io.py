@@ -8,6 +8,7 @@ allowed (root), a 1 MiB tmpfs gives a genuine ENOSPC.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -266,7 +267,7 @@ def test_damaged_provenance_fields_are_refused_on_load(tmp_path: Path, edit, mes
 
 def test_a_model_file_reads_back_as_the_record_it_was_written_from(tmp_path: Path) -> None:
     model = tiny_classifier()
-    meta = model.meta.with_training(split=SPLIT, metrics={"val_acc": 0.5, "epochs": 3}, recipe={"lr": 0.1})
+    meta = dataclasses.replace(model.meta, split=SPLIT, metrics={"val_acc": 0.5, "epochs": 3}, recipe={"lr": 0.1})
     model.meta = meta
     loaded = load_model(save_model(model, tmp_path / "m.safetensors")).meta
     assert loaded == meta and loaded.split == SPLIT and loaded.metrics == {"val_acc": 0.5, "epochs": 3}

@@ -71,8 +71,9 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
     problem = file_problem(path)
     if problem:
         raise InputError(f"history file {path} {problem}; {HISTORY_HINT}.")
-    if path.stat().st_size > MAX_HISTORY_BYTES:
-        raise InputError(f"{path} holds {path.stat().st_size:,} bytes, more than a history.csv can "
+    size = path.stat().st_size
+    if size > MAX_HISTORY_BYTES:
+        raise InputError(f"{path} holds {size:,} bytes, more than a history.csv can "
                          f"({MAX_HISTORY_BYTES:,}); {HISTORY_HINT}.")
     try:
         lines = path.read_bytes().decode("utf-8").splitlines()

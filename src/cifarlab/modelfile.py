@@ -14,6 +14,7 @@ safetensors holds only tensors and a str->str metadata map, so loading never run
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,9 +201,12 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str
     return atomic_write(path, safetensors_bytes(tensors, metadata=metadata), what=what)
 
 
-def read_safetensors(path: str | Path, *, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | Path, *, weights: bool = True, shapes: dict[str, tuple[int, ...]] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with errors a user can act on; with
     `weights=False` only the header is read (no tensors: cheap, whatever the file's size).
+    Given `shapes`, the header must list exactly those tensors (names and sizes) before any
+    tensor is read, so a file listing more than a model needs costs no work in proportion.
 
     cifarlab's own metadata entries (keys starting with "cifarlab") must be JSON objects, so
     that callers can json.loads them without meeting a torn or hand-edited header.
@@ -216,6 +220,8 @@ def read_safetensors(path: str | Path, *, weights: bool = True) -> tuple[dict[st
                 raise ModelFileError(f"{path} lists {len(names):,} tensors; cifarlab's models and checkpoints "
                                      f"hold at most a few hundred (refused above {MAX_TENSORS:,}): the file was "
                                      "damaged or edited, or is not cifarlab's")
+            if shapes is not None:
+                _check_listed_shapes(path, names, shapes, lambda k: tuple(f.get_slice(k).get_shape()))
             tensors = {k: f.get_tensor(k) for k in names} if weights else {}
     except ModelFileError:
         raise
@@ -228,6 +234,17 @@ def read_safetensors(path: str | Path, *, weights: bool = True) -> tuple[dict[st
         if key.startswith(METADATA_KEY):
             _json_object(value, path, key)
     return tensors, metadata
+
+
+def _check_listed_shapes(path: Path, names: list[str], shapes: dict[str, tuple[int, ...]],
+                         shape_of: Callable[[str], tuple[int, ...]]) -> None:
+    stored = {k: shape_of(k) for k in names} if len(names) == len(shapes) else {}
+    if stored != shapes:
+        differ = sorted(set(shapes) ^ set(names)) or [k for k in shapes if shapes[k] != stored[k]]
+        raise ModelFileError(
+            f"{path}: weights do not match the architecture its metadata describes ({len(names):,} tensors "
+            f"listed, {len(shapes):,} needed; first differences: {', '.join(differ[:3])}); the file was "
+            "damaged or edited.")
 
 
 def read_meta(path: str | Path) -> ModelMeta:
@@ -266,7 +283,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
     """
     path = Path(path)
     meta = read_meta(path)
-    tensors = _read_weights(path, _architecture_shapes(meta, path), meta.architecture)
+    tensors, _ = read_safetensors(path, shapes=_architecture_shapes(meta, path))
     bad = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise ModelFileError(f"{path}: {len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
@@ -290,22 +307,3 @@ def _architecture_shapes(meta: ModelMeta, path: Path) -> dict[str, tuple[int, ..
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:  # arch_args the builder rejects
         raise ModelFileError(f"{path}: the metadata describes no buildable {meta.architecture!r} "
                              f"network ({type(exc).__name__}: {exc}); the file was damaged or edited.") from None
-
-
-def _read_weights(path: Path, shapes: dict[str, tuple[int, ...]], architecture: str) -> dict[str, torch.Tensor]:
-    """The file's tensors, read once the header lists exactly `shapes` (names and sizes)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = list(f.keys())
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in names} if len(names) == len(shapes) else {}
-            if stored != shapes:
-                differ = sorted(set(shapes) ^ set(names)) or [k for k in shapes if shapes[k] != stored[k]]
-                raise ModelFileError(
-                    f"{path}: weights do not match architecture {architecture!r} ({len(names):,} tensors listed, "
-                    f"{len(shapes):,} needed; first differences: {', '.join(differ[:3])}); the file was damaged "
-                    "or edited.")
-            return {k: f.get_tensor(k) for k in names}
-    except ModelFileError:
-        raise
-    except Exception as exc:  # safetensors raises several types for corrupt data
-        raise ModelFileError(f"{path} is not a readable safetensors file ({exc}); the file was damaged.") from None

@@ -13,7 +13,7 @@ shape that foreign models' metadata has, so evaluation and diagnosis treat both 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from cifarlab.config import arch_args_problem
@@ -126,10 +126,6 @@ class ModelMeta(DocumentView):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def with_training(self, **fields: Any) -> ModelMeta:
-        """A copy with what training knows only at its end (recipe, metrics, created)."""
-        return replace(self, **fields)
 
     # ---- the file's JSON document ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

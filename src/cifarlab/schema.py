@@ -29,8 +29,6 @@ def read_json_file(path: Path, expected: str, error: type[Exception] = InputErro
     damaged JSON, non-UTF-8 text, nesting beyond Python's recursion limit and integers
     beyond its 4,300-digit limit are all one error naming the file and what was `expected`."""
     problem = file_problem(path)
-    if problem == "does not exist":
-        raise error(f"{path} does not exist; expected {expected}. Check the path.")
     if problem:
         raise error(f"{path} {problem}; expected {expected}.")
     size = path.stat().st_size

@@ -500,8 +500,8 @@ class Trainer:
         metrics.update(epochs=len(self.history), train_seconds=sum(r["seconds"] for r in self.history),
                        train_images=len(self.train_y))
         # Here, not at init: a time budget's plan comes later.
-        model.meta = model.meta.with_training(recipe=asdict(self.cfg), metrics=metrics,
-                                              created=datetime.now().isoformat(timespec="seconds"))
+        model.meta = replace(model.meta, recipe=asdict(self.cfg), metrics=metrics,
+                             created=datetime.now().isoformat(timespec="seconds"))
         path = self.run_dir / "model.safetensors"
         if distributed.is_main():  # the other ranks return the same model, unsaved
             path = save_model(model, path)
